@@ -1,0 +1,205 @@
+"""The model artifact: the one thing that crosses from training to everything after it.
+
+A folder with ``model.safetensors`` (weights) and ``model.json`` (architecture, classes, preprocessing,
+training config, metrics, data fingerprint, library versions). Anything downstream - evaluate,
+predict, compress, serve - rebuilds the model and its exact preprocessing from these two files.
+No pickle: a model folder from a stranger cannot execute code when loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fovea.errors import FoveaError, ImageError
+
+FORMAT = "fovea.model"
+FORMAT_VERSION = 1
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fovea", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA or CPU when enabled, else a no-op: one code path for both (nanoGPT)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def infer(
+    net: nn.Module,
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    amp: bool = False,
+    tta: bool = False,
+    batch_size: int = 256,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Logits (N, C) float32 on CPU for uint8 images (N, 3, S, S); ``tta`` averages with the mirror image."""
+    from fovea.data import normalize
+
+    was_training = net.training
+    net.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i : i + batch_size].to(device, non_blocking=True), tuple(mean), tuple(std))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = net(x).float()
+            if tta:
+                logits = (logits.log_softmax(1) + net(x.flip(3)).float().log_softmax(1)) / 2
+        out.append(logits.cpu())
+    net.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def save_artifact(out: str | Path, net: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write weights + model.json into ``out``. ``meta`` needs architecture, classes, preprocessing."""
+    from safetensors.torch import save_file
+
+    for key in ("architecture", "classes", "preprocessing"):
+        if key not in meta:
+            raise ValueError(f"model metadata needs {key!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
+    full = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(), **meta,
+    }
+    (out / META).write_text(json.dumps(full, indent=2, default=str))
+    return out
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / META if path.is_dir() else path
+    if not meta_file.exists():
+        raise FoveaError(f"{path} is not a Fovea model: no {META} (a model folder holds {WEIGHTS} + {META})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise FoveaError(f"{meta_file} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise FoveaError(f"{meta_file} is not a Fovea model description (format is not {FORMAT!r})")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise FoveaError(f"{meta_file} was written by a newer Fovea (format {meta['format_version']}); upgrade fovea")
+    return meta
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FoveaError("--device cuda asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "label": self.label, "probability": self.probability,
+                "probabilities": self.probabilities}
+
+
+class Model:
+    """A loaded model artifact: ``fovea.load(run).predict(images)``."""
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from fovea.models import create_model
+
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.device = pick_device(device)
+        arch = self.meta["architecture"]
+        self.classes: list[str] = list(self.meta["classes"])
+        pre = self.meta["preprocessing"]
+        self.image_size = int(pre["image_size"])
+        self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
+        self.tta = bool(pre.get("tta", False))
+        self.net = create_model(arch["name"], len(self.classes), image_size=self.image_size, **arch.get("kwargs", {}))
+        try:
+            state = load_file(str(self.path / WEIGHTS))
+        except (OSError, SafetensorError) as e:
+            raise FoveaError(f"cannot read weights {self.path / WEIGHTS}: {e}") from e
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise FoveaError(
+                f"{self.path / WEIGHTS} does not match architecture {arch['name']}: "
+                f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+        self.net.to(self.device).eval()
+        self.amp = self.device.type == "cuda"
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for uint8 (N, 3, S, S) images already at this model's size."""
+        return infer(self.net, images, mean=self.mean, std=self.std, device=self.device, amp=self.amp, tta=self.tta)
+
+    def load_images(self, sources: Iterable[str | Path | bytes]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+        """Decode and resize with this model's preprocessing; returns (images, kept indexes, (index, reason))."""
+        from fovea.data import load_square
+
+        arrays, kept, bad = [], [], []
+        for i, src in enumerate(sources):
+            try:
+                arrays.append(load_square(src, self.image_size))
+                kept.append(i)
+            except ImageError as e:
+                bad.append((i, e.reason))
+        x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()) if arrays else torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        return x, kept, bad
+
+    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return self.logits(images).softmax(1).numpy()
+
+    def predict(self, paths: Sequence[str | Path]) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """Predict files; returns (predictions, [(path, reason)] for files that could not be read)."""
+        x, kept, bad = self.load_images(paths)
+        probs = self.predict_proba(x)
+        preds = []
+        for i, p in zip(kept, probs):
+            j = int(p.argmax())
+            preds.append(Prediction(str(paths[i]), self.classes[j], float(p[j]),
+                                    {c: float(v) for c, v in zip(self.classes, p)}))
+        return preds, [(str(paths[i]), r) for i, r in bad]
+
+
+def load(path: str | Path, device: str = "auto") -> Model:
+    """Load a model artifact (a run folder or any folder with model.safetensors + model.json)."""
+    return Model(path, device)

@@ -1,0 +1,246 @@
+"""Find the images and labels in what the user pointed at.
+
+Three layouts are understood:
+- ``DATA/{train, val|valid|validation, [test]}/CLASS/*`` - the split is the user's;
+- ``DATA/CLASS/*`` (or a split layout with only ``train``) - a stratified, seeded split;
+- a CSV with ``path,label[,group]`` (paths relative to the CSV) - split by group when given, so one
+  group (patient, camera, source) never lands in two splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fovea.errors import FoveaError
+
+VAL_NAMES = ("val", "valid", "validation")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+    group: str | None = None
+
+
+@dataclass
+class Dataset:
+    """Where a data set's files are and which split each belongs to."""
+
+    root: str
+    layout: str  # "splits" | "folders" | "csv"
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): CSV rows with no file
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {
+            split: {c: n for c, n in zip(self.classes, _count(samples, len(self.classes)))}
+            for split, samples in self.splits.items()
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of the sorted (split, path, label) list and file sizes: changes when the data does."""
+        h = hashlib.sha256()
+        for split in sorted(self.splits):
+            for s in sorted(self.splits[split], key=lambda s: s.path):
+                size = Path(s.path).stat().st_size if Path(s.path).exists() else -1
+                h.update(f"{split}\0{Path(s.path).name}\0{self.classes[s.label]}\0{size}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def _count(samples: list[Sample], n: int) -> list[int]:
+    c = Counter(s.label for s in samples)
+    return [c.get(i, 0) for i in range(n)]
+
+
+def _is_candidate(p: Path) -> bool:
+    # Every visible file is a candidate: a non-image with an image name must be quarantined, not skipped.
+    return p.is_file() and not p.name.startswith(".") and p.name not in ("Thumbs.db", "desktop.ini")
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def _scan_classes(root: Path, classes: list[str] | None = None) -> tuple[list[str], dict[str, list[Path]]]:
+    dirs = _class_dirs(root)
+    found = {d.name: sorted(p for p in d.rglob("*") if _is_candidate(p)) for d in dirs}
+    if classes is None:
+        classes = list(found)
+    return classes, found
+
+
+def _check_classes(classes: list[str], files: dict[str, list[Path]], where: Path) -> None:
+    if len(classes) == 0:
+        raise FoveaError(
+            f"no class folders in {where}. Expected DATA/CLASS/*.jpg, DATA/train/CLASS/*.jpg or a CSV path,label"
+        )
+    if len(classes) == 1:
+        raise FoveaError(
+            f"only one class ('{classes[0]}') in {where}: a classifier needs at least two class folders"
+        )
+    empty = [c for c in classes if not files.get(c)]
+    if empty:
+        raise FoveaError(
+            f"class folder(s) with no files in {where}: {', '.join(empty)}. Add images or remove the folder(s)"
+        )
+
+
+def stratified_split(
+    items: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Split per class (or per group when every item has one), seeded; every class keeps >= 1 train item."""
+    if not 0.0 < val_fraction < 1.0:
+        raise FoveaError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    rng = random.Random(seed)
+    if items and all(s.group is not None for s in items):
+        return _group_split(items, val_fraction, rng)
+    by_label: dict[int, list[Sample]] = defaultdict(list)
+    for s in sorted(items, key=lambda s: s.path):
+        by_label[s.label].append(s)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label in sorted(by_label):
+        group = by_label[label]
+        rng.shuffle(group)
+        n_val = min(len(group) - 1, round(len(group) * val_fraction))
+        val += group[:n_val]
+        train += group[n_val:]
+    return train, val
+
+
+def _group_split(items: list[Sample], val_fraction: float, rng: random.Random) -> tuple[list[Sample], list[Sample]]:
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in items:
+        groups[str(s.group)].append(s)
+    names = sorted(groups)
+    rng.shuffle(names)
+    target = val_fraction * len(items)
+    val_names: set[str] = set()
+    n_val = 0
+    for name in names:
+        if n_val >= target:
+            break
+        val_names.add(name)
+        n_val += len(groups[name])
+    train = [s for n in names if n not in val_names for s in groups[n]]
+    val = [s for n in names if n in val_names for s in groups[n]]
+    return train, val
+
+
+def _from_csv(path: Path, val_fraction: float, seed: int) -> Dataset:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+        if "path" not in fields or "label" not in fields:
+            raise FoveaError(f"{path}: the CSV needs a header with 'path' and 'label' columns (and optionally 'group'), found {fields}")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise FoveaError(f"{path}: the CSV has no rows")
+    classes = sorted({r["label"] for r in rows if r["label"]})
+    index = {c: i for i, c in enumerate(classes)}
+    samples: list[Sample] = []
+    missing: list[tuple[str, str]] = []
+    explicit: dict[str, list[Sample]] = defaultdict(list)
+    for r in rows:
+        p = Path(r["path"])
+        p = p if p.is_absolute() else path.parent / p
+        if not r["label"]:
+            missing.append((str(p), "no label in CSV"))
+            continue
+        if not p.is_file():
+            missing.append((str(p), "file listed in CSV does not exist"))
+            continue
+        s = Sample(str(p), index[r["label"]], r.get("group") or None)
+        split = r.get("split", "").lower()
+        if split:
+            explicit["val" if split in VAL_NAMES else split].append(s)
+        else:
+            samples.append(s)
+    files = defaultdict(list)
+    for s in samples + [s for v in explicit.values() for s in v]:
+        files[classes[s.label]].append(Path(s.path))
+    _check_classes(classes, files, path)
+    if explicit:
+        splits = dict(explicit)
+        if samples:
+            splits.setdefault("train", []).extend(samples)
+    else:
+        train, val = stratified_split(samples, val_fraction, seed)
+        splits = {"train": train, "val": val}
+    return Dataset(str(path), "csv", classes, splits, missing)
+
+
+def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Find classes, files and splits in ``data`` (a folder or a CSV). Raises FoveaError with advice."""
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise FoveaError(f"{root} does not exist")
+    if root.is_file():
+        if root.suffix.lower() == ".csv":
+            return _from_csv(root, val_fraction, seed)
+        raise FoveaError(f"{root} is a file; give a folder of class folders or a CSV with path,label")
+    sub = {p.name.lower(): p for p in _class_dirs(root)}
+    if "train" in sub:
+        classes, train_files = _scan_classes(sub["train"])
+        _check_classes(classes, train_files, sub["train"])
+        index = {c: i for i, c in enumerate(classes)}
+
+        def samples_of(files: dict[str, list[Path]], where: Path) -> list[Sample]:
+            unknown = sorted(set(files) - set(index))
+            if unknown:
+                raise FoveaError(f"{where} has class folder(s) not in train: {', '.join(unknown)}")
+            return [Sample(str(p), index[c], None) for c in classes for p in files.get(c, [])]
+
+        splits = {"train": samples_of(train_files, sub["train"])}
+        val_dir = next((sub[n] for n in VAL_NAMES if n in sub), None)
+        if val_dir is not None:
+            splits["val"] = samples_of(_scan_classes(val_dir)[1], val_dir)
+        else:
+            splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, seed)
+        if "test" in sub:
+            splits["test"] = samples_of(_scan_classes(sub["test"])[1], sub["test"])
+        return Dataset(str(root), "splits", classes, splits)
+    classes, files = _scan_classes(root)
+    _check_classes(classes, files, root)
+    allsamples = [Sample(str(p), i, None) for i, c in enumerate(classes) for p in files[c]]
+    train, val = stratified_split(allsamples, val_fraction, seed)
+    return Dataset(str(root), "folders", classes, {"train": train, "val": val})
+
+
+def eval_samples(data: str | Path, classes: list[str]) -> tuple[list[Sample], list[tuple[str, str]], str]:
+    """Samples to evaluate on: the test (else val) split of a split layout, or every image of a class tree.
+
+    Class names are matched to the model's; a folder of a class the model does not know is an error.
+    Returns (samples, missing, which split was used).
+    """
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise FoveaError(f"{root} does not exist")
+    index = {c: i for i, c in enumerate(classes)}
+    if root.is_file():
+        ds = _from_csv(root, 0.5, 0)
+        samples = [Sample(s.path, index[ds.classes[s.label]], s.group)
+                   for v in ds.splits.values() for s in v if ds.classes[s.label] in index]
+        return samples, ds.missing, "csv"
+    sub = {p.name.lower(): p for p in _class_dirs(root)}
+    used = "all"
+    if "test" in sub or any(n in sub for n in VAL_NAMES) or "train" in sub:
+        name = "test" if "test" in sub else next((n for n in VAL_NAMES if n in sub), None)
+        if name is None:
+            raise FoveaError(f"{root} has a train split but no val/test split to evaluate on")
+        root, used = sub[name], name
+    _, files = _scan_classes(root)
+    unknown = sorted(set(files) - set(index))
+    if unknown:
+        raise FoveaError(f"{root} has class folder(s) the model does not know: {', '.join(unknown)} (model classes: {', '.join(classes)})")
+    samples = [Sample(str(p), index[c], None) for c in classes for p in files.get(c, [])]
+    if not samples:
+        raise FoveaError(f"no files to evaluate in {root}")
+    return samples, [], used

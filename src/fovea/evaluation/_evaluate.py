@@ -1,0 +1,30 @@
+"""``fovea evaluate RUN DATA``: every metric on a held-out set, from the artifact alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fovea.artifact import load
+from fovea.data import eval_samples, load_images
+from fovea.errors import FoveaError
+from fovea.evaluation._metrics import classification_metrics
+from fovea.evaluation._report import write_report
+
+
+def evaluate(run: str | Path, data: str | Path, *, device: str = "auto", report: str | Path | None = None,
+             progress: bool = True, cache: bool = True) -> dict[str, Any]:
+    """Evaluate a model artifact on ``data`` (a class tree, or the test/val split of a split layout)."""
+    model = load(run, device)
+    samples, missing, split = eval_samples(data, model.classes)
+    images = load_images(samples, model.image_size, cache=cache, progress=progress, description="decoding")
+    if len(images) == 0:
+        raise FoveaError(f"none of the {len(samples)} files in {data} could be read")
+    probs = model.predict_proba(images.images)
+    m = classification_metrics(images.labels.numpy(), probs, model.classes)
+    skipped = [{"path": p, "reason": r, "split": split} for p, r in images.quarantined + missing]
+    m.update({"skipped": len(skipped), "quarantined": skipped, "split": split, "model": str(run), "data": str(data)})
+    if report is not None:
+        write_report(report, title=f"Evaluation of {Path(run).name} on {Path(data).name}", meta=model.meta,
+                     metrics=m, quarantined=skipped)
+    return m

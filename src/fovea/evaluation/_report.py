@@ -1,0 +1,120 @@
+"""A single self-contained HTML report: learning curves, confusion matrix, ROC curves, quarantine list."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def learning_curves(history: list[dict[str, Any]]) -> str:
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ep, [h["train_loss"] for h in history], label="train")
+    a.plot(ep, [h["val_loss"] for h in history], label="validation")
+    a.set(xlabel="epoch", ylabel="loss", title="Loss")
+    b.plot(ep, [h["train_acc"] for h in history], label="train")
+    b.plot(ep, [h["val_acc"] for h in history], label="validation")
+    b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _png(fig)
+
+
+def confusion_plot(cm: list[list[int]], classes: list[str]) -> str:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(cm)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+    return _png(fig)
+
+
+def roc_plot(curves: dict[str, dict[str, list[float]]]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    for c, cur in curves.items():
+        ax.plot(cur["fpr"], cur["tpr"], label=c)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one vs rest)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "—" if v is None else str(v)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}h2{margin-top:1.6em;border-bottom:1px solid #ddd}img{max-width:100%}
+pre{background:#f7f7f7;padding:.8em;overflow:auto}.warn{color:#a40}"""
+
+
+def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, metrics: dict[str, Any],
+                 history: list[dict[str, Any]] | None = None, quarantined: list[dict[str, str]] | None = None) -> Path:
+    """Write report.html; every plot is embedded, so the file can be mailed or archived alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>",
+             f"<h1>{html.escape(title)}</h1>"]
+    keys = ["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "n_images", "skipped",
+            "n_train", "n_val", "best_epoch", "epochs_run", "train_seconds"]
+    parts.append("<h2>Summary</h2>" + _table([[k, metrics[k]] for k in keys if k in metrics], ["metric", "value"]))
+    if history:
+        parts.append("<h2>Learning curves</h2>" + learning_curves(history))
+    classes = metrics.get("classes", [])
+    if metrics.get("confusion_matrix"):
+        parts.append("<h2>Confusion matrix</h2>" + confusion_plot(metrics["confusion_matrix"], classes))
+    if metrics.get("per_class"):
+        rows = [[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in metrics["per_class"].items()]
+        parts.append("<h2>Per class</h2>" + _table(rows, ["class", "precision", "recall", "F1", "support"]))
+    if metrics.get("roc_curves"):
+        parts.append(f"<h2>ROC curves</h2><p>ROC-AUC: {_fmt(metrics.get('roc_auc'))}</p>" + roc_plot(metrics["roc_curves"]))
+    q = quarantined or []
+    parts.append(f"<h2>Files not used ({len(q)})</h2>")
+    if q:
+        parts.append("<p class='warn'>These files could not be decoded and were left out:</p>"
+                     + _table([[x.get("split", ""), x["path"], x["reason"]] for x in q], ["split", "file", "reason"]))
+    else:
+        parts.append("<p>Every file was used.</p>")
+    if meta:
+        shown = {k: meta[k] for k in ("architecture", "preprocessing", "training", "data", "versions") if k in meta}
+        parts.append("<h2>Model</h2><pre>" + html.escape(json.dumps(shown, indent=2, default=str)) + "</pre>")
+    path = Path(path)
+    path.write_text("\n".join(parts))
+    return path

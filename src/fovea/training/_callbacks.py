@@ -1,0 +1,120 @@
+"""Small callbacks on one vocabulary of events (fastai's): before_fit, before_epoch, after_batch,
+after_epoch, after_fit. Each sees the ``Fit`` state object and may set ``fit.stop``."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fovea.training._loop import Fit
+
+log = logging.getLogger("fovea.training")
+HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds"]
+
+
+class Callback:
+    def before_fit(self, fit: Fit) -> None: ...
+    def before_epoch(self, fit: Fit) -> None: ...
+    def after_batch(self, fit: Fit) -> None: ...
+    def after_epoch(self, fit: Fit) -> None: ...
+    def after_fit(self, fit: Fit) -> None: ...
+
+
+class ProgressBar(Callback):
+    """A rich progress bar per epoch with loss, accuracy and images/s; one summary line per epoch."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.progress: Any = None
+
+    def before_epoch(self, fit: Fit) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn(f"epoch {fit.epoch + 1}/{fit.cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.3f} {task.fields[ips]:.0f} img/s"),
+            TimeElapsedColumn(), transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=fit.steps_per_epoch, loss=math.nan, acc=math.nan, ips=0.0)
+
+    def after_batch(self, fit: Fit) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=fit.running["loss"], acc=fit.running["acc"],
+                                 ips=fit.running["seen"] / max(time.perf_counter() - fit.epoch_start, 1e-9))
+
+    def after_epoch(self, fit: Fit) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        row = fit.history[-1]
+        if self.enabled:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"epoch {row['epoch']:>3}/{fit.cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.3f}  "
+                f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  "
+                f"{row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s" + ("  *" if fit.best_epoch == row["epoch"] else ""),
+                highlight=False,
+            )
+
+    def after_fit(self, fit: Fit) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class CSVLogger(Callback):
+    """history.csv, rewritten from the in-memory history each epoch (so a resumed run has every row once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def after_epoch(self, fit: Fit) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(fit.history)
+        tmp.replace(self.path)
+
+
+class BestTracker(Callback):
+    """Keeps the best weights by ``cfg.monitor``; stops after ``patience`` epochs without improvement."""
+
+    def __init__(self, monitor: str, patience: int | None) -> None:
+        self.monitor, self.patience = monitor, patience
+
+    def _better(self, new: float, old: float | None) -> bool:
+        if old is None:
+            return True
+        return new > old if self.monitor == "val_acc" else new < old
+
+    def after_epoch(self, fit: Fit) -> None:
+        score = fit.history[-1][self.monitor]
+        if self._better(score, fit.best_score):
+            fit.best_score, fit.best_epoch = score, fit.history[-1]["epoch"]
+            fit.best_state = {k: v.detach().clone() for k, v in fit.model.state_dict().items()}
+        elif self.patience is not None and fit.history[-1]["epoch"] - fit.best_epoch >= self.patience:
+            log.info("early stopping: no %s improvement for %d epochs (best %.4f at epoch %d)",
+                     self.monitor, self.patience, fit.best_score, fit.best_epoch)
+            fit.stop = True
+
+
+class Checkpointer(Callback):
+    """A checkpoint after every epoch (model, optimizer, RNGs, history, best weights)."""
+
+    def after_epoch(self, fit: Fit) -> None:
+        from fovea.training._checkpoint import save_checkpoint
+
+        save_checkpoint(
+            fit.run, model=fit.model, optimizer=fit.opt, generator=fit.generator, best=fit.best_state,
+            state={"epoch": fit.epoch + 1, "step": fit.step, "history": fit.history,
+                   "best_score": fit.best_score, "best_epoch": fit.best_epoch, "stopped": fit.stop},
+        )

@@ -1,0 +1,113 @@
+"""Training configuration: every knob typed, every non-obvious default with its reason."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from fovea.data import AUGMENTATIONS
+from fovea.errors import FoveaError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    model: str = "cnn"
+    image_size: int | None = None  # None: the model's own size (cnn: 64 on CPU, 96 on GPU; timm: its cfg)
+    epochs: int | None = None  # None: chosen from the model, data size and device (see resolve)
+    batch_size: int | None = None  # None: 64 for < 1000 images, else 128 (CPU) / 256 (GPU)
+    lr: float | None = None  # None: per optimizer (sgd 0.1 x batch/256... see resolve)
+    optimizer: str | None = None  # None: sgd+nesterov for mlp/cnn (best from scratch), adamw otherwise
+    weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw
+    schedule: str = "onecycle"  # one-cycle (Smith 2018) trains fastest in a fixed budget
+    label_smoothing: float = 0.1  # cheap calibration + regularization on small data
+    augment: str | None = None  # None: "standard" (random resized crop + flip)
+    tta: bool = True  # average the prediction of the image and its mirror: +0.5-1 point, 2x eval cost
+    dropout: float | None = None  # None: the architecture's default
+    pretrained: bool = False  # hub weights (issue: transfer learning); off for reproducible scratch runs
+    device: str = "auto"
+    amp: bool | None = None  # None: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
+    channels_last: bool | None = None  # None: on for CUDA and for CPU bf16 (oneDNN's fast layout)
+    compile: bool = False  # torch.compile: faster on GPU for long runs, but ~1 min of start-up
+    patience: int | None = None  # early stopping; None: off for one-cycle (its end is the best part)
+    monitor: str = "val_acc"  # val_acc | val_loss
+    val_fraction: float = 0.2
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    cache: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # architecture kwargs (e.g. widths)
+
+    def validate(self) -> None:
+        def bad(name: str, value: object, allowed: tuple[str, ...]) -> None:
+            raise FoveaError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
+
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            bad("optimizer", self.optimizer, OPTIMIZERS)
+        if self.schedule not in SCHEDULES:
+            bad("schedule", self.schedule, SCHEDULES)
+        if self.augment is not None and self.augment not in AUGMENTATIONS:
+            bad("augment", self.augment, AUGMENTATIONS)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad("device", self.device, ("auto", "cpu", "cuda"))
+        if self.monitor not in ("val_acc", "val_loss"):
+            bad("monitor", self.monitor, ("val_acc", "val_loss"))
+        for name in ("image_size", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise FoveaError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.lr is not None and not 0 < self.lr < 10:
+            raise FoveaError(f"--lr must be in (0, 10), got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise FoveaError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, native_size: int,
+            cpu_bf16: bool) -> tuple[TrainConfig, dict[str, str]]:
+    """Fill every None with a default for this model, data size and hardware; say why for each."""
+    why: dict[str, str] = {}
+    c = dataclasses.replace(cfg)
+    gpu = device_type == "cuda"
+    small_own = source == "fovea"
+    if c.image_size is None:
+        if small_own:
+            c.image_size = native_size if not gpu else max(native_size, 96)
+        else:
+            c.image_size = native_size if gpu else min(native_size, 160)
+        why["image_size"] = f"{c.image_size} px: {'model default' if c.image_size == native_size else 'smaller on CPU for speed' if not gpu else 'more detail on GPU'}"
+    if c.batch_size is None:
+        c.batch_size = 64 if n_train < 1000 else (256 if gpu else 128)
+        why["batch_size"] = f"{c.batch_size} for {n_train} training images on {device_type}"
+    if c.optimizer is None:
+        c.optimizer = "sgd" if small_own else "adamw"
+        why["optimizer"] = "SGD + Nesterov trains small nets from scratch best" if small_own else "AdamW for deep nets"
+    if c.lr is None:
+        base = {"sgd": 0.2, "rmsprop": 1e-3, "adam": 2e-3, "adamw": 2e-3}[c.optimizer]
+        c.lr = base * c.batch_size / 256 if c.optimizer == "sgd" else base
+        why["lr"] = f"{c.lr:g} (peak, {c.schedule})"
+    if c.weight_decay is None:
+        c.weight_decay = {"sgd": 5e-4, "rmsprop": 1e-5, "adam": 0.0, "adamw": 0.05}[c.optimizer]
+    if c.augment is None:
+        c.augment = "standard"
+    if c.epochs is None:
+        # Budget in image-passes: small data needs many epochs; a CPU can afford ~60k passes of the cnn
+        # at 64 px in ~4 minutes (docs/benchmarks.md).
+        if gpu:
+            c.epochs = 40 if small_own else 30
+        else:
+            c.epochs = max(5, min(40, 80_000 // max(n_train, 1))) if small_own else max(3, min(15, 20_000 // max(n_train, 1)))
+        why["epochs"] = f"{c.epochs} for {n_train} images on {device_type}"
+    if c.amp is None:
+        c.amp = gpu or cpu_bf16
+        why["amp"] = "bf16 autocast" if c.amp else "fp32 (no native bf16 on this CPU)"
+    if c.channels_last is None:
+        c.channels_last = gpu or bool(c.amp)  # oneDNN bf16 convs want NHWC: 2x measured on Zen 4
+    return c, why
