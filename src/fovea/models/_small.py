@@ -67,7 +67,9 @@ class CNN(nn.Module):
     """Compact convnet that trains fast from scratch on a few thousand images, on a CPU.
 
     stem conv (stride ``stem_stride``) -> 3 stages (conv, pool, residual conv) at widths ``widths`` ->
-    global average + max pooling -> dropout -> linear. 64 px input, default widths: 0.19 M params.
+    global average + max pooling -> dropout -> linear. Defaults (widths 24-192, stride-2 stem): 0.66 M params,
+    ~800 training images/s at 64 px on 2 Zen 4 cores in bf16; 86.6 % on pets/val in 80 epochs
+    (bench/recipe_sweep.py).
     """
 
     default_size = 64
@@ -77,7 +79,7 @@ class CNN(nn.Module):
         num_classes: int,
         image_size: int = 64,
         widths: tuple[int, ...] = (24, 48, 96, 192),
-        stem_stride: int = 1,
+        stem_stride: int = 2,
         batch_norm: bool = True,
         drop_rate: float = 0.2,
     ) -> None:

@@ -103,7 +103,7 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
         if gpu:
             c.epochs = 40 if small_own else 30
         else:
-            c.epochs = max(5, min(40, 80_000 // max(n_train, 1))) if small_own else max(3, min(15, 20_000 // max(n_train, 1)))
+            c.epochs = max(10, min(80, 120_000 // max(n_train, 1))) if small_own else max(3, min(15, 20_000 // max(n_train, 1)))
         why["epochs"] = f"{c.epochs} for {n_train} images on {device_type}"
     if c.amp is None:
         c.amp = gpu or cpu_bf16

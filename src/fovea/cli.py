@@ -1,0 +1,247 @@
+"""The ``fovea`` command: a thin layer that parses options and calls the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fovea.errors import FoveaError
+
+app = typer.Typer(
+    name="fovea",
+    help="Fovea: from a folder of labelled images to a classifier trained well and evaluated honestly.\n\n"
+    "Start with `fovea demo`, or `fovea check DATA` then `fovea train DATA`.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("fovea")
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(show_time=False, show_path=False, markup=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    logging.getLogger("fovea").setLevel(level)
+
+
+def _examples(*lines: str) -> str:
+    return "**Examples**\n\n" + "\n\n".join(f"`{line}`" for line in lines)
+
+
+def _parse_arch(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise FoveaError(f"--arch expects KEY=VALUE (e.g. widths=32,64,128,256), got {item!r}")
+        key, value = item.split("=", 1)
+        parts = [p.strip() for p in value.split(",")]
+        vals: list[Any] = []
+        for p in parts:
+            try:
+                vals.append(json.loads(p))
+            except ValueError:
+                vals.append(p)
+        out[key.strip().replace("-", "_")] = vals if len(vals) > 1 else vals[0]
+    return out
+
+
+@app.command(epilog=_examples("fovea demo", "fovea demo --out runs/demo --epochs 5"))
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder to write.")] = Path("runs/demo"),
+    data: Annotated[Path | None, typer.Option(help="Data to use instead of the one found or made.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the number of epochs.")] = None,
+) -> None:
+    """Find or make a small real data set, train on it, evaluate, predict a few images, show the report."""
+    from fovea.demo import run_demo
+
+    run_demo(out=out, data=data, epochs=epochs)
+
+
+@app.command(epilog=_examples("fovea check data/pets", "fovea check data/pets --json > check.json",
+                              "fovea check labels.csv --val-fraction 0.25"))
+def check(
+    data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
+    near_threshold: Annotated[int, typer.Option(help="Max Hamming distance of 64-bit perceptual hashes for a near-duplicate.")] = 4,
+) -> None:
+    """Look at a data set: counts, imbalance, sizes and modes, unreadable files, duplicates and leakage."""
+    from fovea.data._check import check as run_check
+    from fovea.data._check import print_report
+
+    report = run_check(data, val_fraction=val_fraction, seed=seed, near_threshold=near_threshold,
+                       progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+@app.command(epilog=_examples("fovea models", "fovea models --source fovea", "fovea models --filter resnet"))
+def models(
+    source: Annotated[str, typer.Option(help="all | fovea | torchvision | timm")] = "all",
+    filter: Annotated[str | None, typer.Option("--filter", help="Only names containing this text.")] = None,
+) -> None:
+    """List every architecture Fovea can train."""
+    from fovea.models import list_models
+
+    if source not in ("all", "fovea", "torchvision", "timm"):
+        raise FoveaError(f"--source must be all, fovea, torchvision or timm, not {source!r}")
+    names = [n for n in list_models(source) if not filter or filter in n]
+    for n in names:
+        typer.echo(n)
+    typer.echo(f"{len(names)} models", err=True)
+
+
+@app.command(epilog=_examples(
+    "fovea train data/pets",
+    "fovea train data/pets --model resnet18 --image-size 224 --epochs 30 --device cuda",
+    "fovea train data/pets --model cnn --image-size 160 --epochs 200 --arch widths=48,96,192,384,512",
+    "fovea train data/pets --out runs/pets --resume --epochs 60",
+))
+def train(
+    data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
+    model: Annotated[str, typer.Option(help="Architecture: mlp, cnn, any timm name, alexnet, googlenet (`fovea models`).")] = "cnn",
+    image_size: Annotated[int | None, typer.Option(help="Square input size in px (default: per model and device).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: from data size and device).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw | rmsprop")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="L2 weight decay.")] = None,
+    schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
+    augment: Annotated[str | None, typer.Option(help="none | flip | light (translate+flip) | standard (random resized crop+flip)")] = None,
+    tta: Annotated[bool, typer.Option(help="Average predictions with the mirrored image.")] = True,
+    dropout: Annotated[float | None, typer.Option(help="Dropout before the classifier.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 mixed precision (default: where native).")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPU, long runs).")] = False,
+    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")] = None,
+    monitor: Annotated[str, typer.Option(help="val_acc | val_loss: picks the best epoch.")] = "val_acc",
+    val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same run (on CPU).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/DATA-MODEL-TIME).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    cache: Annotated[bool, typer.Option(help="Reuse decoded images from $FOVEA_HOME/cache.")] = True,
+    arch: Annotated[list[str] | None, typer.Option(help="Architecture option KEY=VALUE, repeatable.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train a model; writes a run folder with the model, metrics, history.csv and report.html."""
+    from fovea.training import train as run_train
+
+    _setup_logging(quiet)
+    run = run_train(
+        data, model=model, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, augment=augment, tta=tta,
+        dropout=dropout, device=device, amp=amp, compile=compile, patience=patience, monitor=monitor,
+        val_fraction=val_fraction, seed=seed, out=str(out) if out else None, resume=resume, cache=cache,
+        extra=_parse_arch(arch), progress=not quiet,
+    )
+    m = json.loads((run / "metrics.json").read_text())
+    auc = f"{m['roc_auc']:.4f}" if m.get("roc_auc") is not None else "n/a"
+    typer.echo(f"val accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  ROC-AUC {auc}  "
+               f"({m['n_val']} images, {m['skipped']} skipped)")
+    typer.echo(f"run folder: {run}\nreport:     {run / 'report.html'}")
+
+
+@app.command(epilog=_examples("fovea evaluate runs/pets data/pets", "fovea evaluate runs/pets data/pets/val --json"))
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder (model.safetensors + model.json).")],
+    data: Annotated[Path, typer.Argument(help="Class folders (all evaluated) or a split layout (its test, else val, split).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Also write an HTML report here.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Accuracy, balanced accuracy, precision/recall/F1, ROC-AUC and the confusion matrix on held-out data."""
+    from fovea.evaluation import evaluate as run_eval
+
+    _setup_logging(quiet=as_json)
+    m = run_eval(run, data, device=device, report=report, progress=not as_json)
+    m.pop("roc_curves", None)
+    if as_json:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    auc = f"{m['roc_auc']:.4f}" if m["roc_auc"] is not None else "n/a (a class is missing)"
+    con.print(f"[bold]{m['n_images']}[/] images ({m['split']} split), {m['skipped']} skipped")
+    con.print(f"accuracy {m['accuracy']:.4f}   balanced accuracy {m['balanced_accuracy']:.4f}   "
+              f"macro F1 {m['f1_macro']:.4f}   ROC-AUC {auc}")
+    t = Table("class", "precision", "recall", "F1", "support")
+    for c, v in m["per_class"].items():
+        t.add_row(c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", str(v["support"]))
+    con.print(t)
+    cm = Table("true \\ predicted", *m["classes"])
+    for c, row in zip(m["classes"], m["confusion_matrix"]):
+        cm.add_row(c, *map(str, row))
+    con.print(cm)
+    for q in m["quarantined"]:
+        con.print(f"[yellow]skipped[/] {q['path']}: {q['reason']}")
+
+
+@app.command(epilog=_examples("fovea predict runs/pets cat.jpg dog.png", "fovea predict runs/pets photos/ --json --top-k 2"))
+def predict(
+    run: Annotated[Path, typer.Argument(help="A run folder (model.safetensors + model.json).")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    top_k: Annotated[int, typer.Option(help="Show the k most likely classes.")] = 1,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Label images: the class, its probability and every class's probability."""
+    from fovea.artifact import load
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FoveaError(f"{p} does not exist")
+    if not files:
+        raise FoveaError("no files to predict")
+    model = load(run, device)
+    skipped: list[tuple[str, str]] = []
+    for i in range(0, len(files), 256):
+        preds, bad = model.predict(files[i : i + 256])
+        skipped += bad
+        for pr in preds:
+            top = sorted(pr.probabilities.items(), key=lambda kv: -kv[1])[: max(1, top_k)]
+            if as_json:
+                typer.echo(json.dumps({**pr.to_dict(), "top_k": [{"label": k, "probability": v} for k, v in top]}))
+            else:
+                typer.echo(f"{pr.path}\t" + "  ".join(f"{k} {v:.3f}" for k, v in top))
+    for path, reason in skipped:
+        if as_json:
+            typer.echo(json.dumps({"path": path, "error": reason}))
+        else:
+            typer.echo(f"{path}\tskipped: {reason}", err=True)
+    if skipped and len(skipped) == len(files):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    try:
+        app()
+    except FoveaError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
