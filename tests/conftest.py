@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+# The real photos beside the checkout; FOVEA_TEST_DATA points elsewhere (e.g. a copy on a GPU machine).
+SHARED = Path(os.environ.get("FOVEA_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
 def _first(folder: Path, n: int) -> list[Path]:

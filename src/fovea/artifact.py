@@ -59,22 +59,23 @@ def infer(
     channels_last: bool = False,
 ) -> torch.Tensor:
     """Logits (N, C) float32 on CPU for uint8 images (N, 3, S, S); ``tta`` averages with the mirror image."""
-    from fovea.data import normalize
+    from fovea.data._loader import _affine_norm, normalize
 
     was_training = net.training
     net.eval()
     out = []
+    coef = _affine_norm(tuple(mean), tuple(std), device)
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i : i + batch_size].to(device, non_blocking=True), tuple(mean), tuple(std))
+        x = normalize(images[i : i + batch_size].to(device, non_blocking=True), tuple(mean), tuple(std), coef)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             logits = net(x).float()
             if tta:
                 logits = (logits.log_softmax(1) + net(x.flip(3)).float().log_softmax(1)) / 2
-        out.append(logits.cpu())
+        out.append(logits)
     net.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    return torch.cat(out).cpu() if out else torch.zeros(0, 0)
 
 
 def save_artifact(out: str | Path, net: nn.Module, meta: dict[str, Any]) -> Path:

@@ -16,11 +16,22 @@ import torch.nn.functional as F
 AUGMENTATIONS = ("none", "flip", "light", "standard")
 
 
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32 normalised: (x / 255 - mean) / std in one multiply-add."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return x.float().mul_(1.0 / 255.0).sub_(m).div_(s)
+def _affine_norm(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    m, s = torch.tensor(mean), torch.tensor(std)
+    scale = (1.0 / (255.0 * s)).view(1, -1, 1, 1)
+    shift = (m / s).view(1, -1, 1, 1)
+    return scale.to(device), shift.to(device)
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+              _coef: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32 (x / 255 - mean) / std, as one multiply and one subtract.
+
+    ``_coef`` (from ``_affine_norm``) lets a caller keep the constants on the device: building them per
+    batch is a host-to-device copy, which stalls the GPU queue every step.
+    """
+    scale, shift = _coef if _coef is not None else _affine_norm(mean, std, x.device)
+    return x.float().mul_(scale).sub_(shift)
 
 
 def _affine(
@@ -98,6 +109,7 @@ class Batches:
         self.batch_size = batch_size
         self.device = device
         self.mean, self.std = mean, std
+        self._coef = _affine_norm(mean, std, device)
         self.policy = augment
         self.shuffle, self.drop_last = shuffle, drop_last
         self.generator = generator or torch.Generator(device=device)
@@ -118,7 +130,7 @@ class Batches:
             order = torch.arange(n, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = normalize(self.images[idx], self.mean, self.std)
+            x = normalize(self.images[idx], self.mean, self.std, self._coef)
             x = augment(x, self.policy, self.generator)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

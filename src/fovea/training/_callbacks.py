@@ -108,13 +108,32 @@ class BestTracker(Callback):
 
 
 class Checkpointer(Callback):
-    """A checkpoint after every epoch (model, optimizer, RNGs, history, best weights)."""
+    """A checkpoint after every epoch (model, optimizer, RNGs, history, best weights).
+
+    Tensors are copied to host memory at once; the files are written on a background thread while the
+    next epoch trains (resnet50 + momentum is ~200 MB: writing it inline cost ~0.4 s per epoch on the H200).
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending: Future[None] | None = None
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # re-raises a failed write here, in the training thread
+            self.pending = None
 
     def after_epoch(self, fit: Fit) -> None:
-        from fovea.training._checkpoint import save_checkpoint
+        from fovea.training._checkpoint import save_checkpoint, snapshot
 
-        save_checkpoint(
-            fit.run, model=fit.model, optimizer=fit.opt, generator=fit.generator, best=fit.best_state,
-            state={"epoch": fit.epoch + 1, "step": fit.step, "history": fit.history,
-                   "best_score": fit.best_score, "best_epoch": fit.best_epoch, "stopped": fit.stop},
-        )
+        self._wait()
+        snap = snapshot(model=fit.model, optimizer=fit.opt, generator=fit.generator, best=fit.best_state)
+        state = {"epoch": fit.epoch + 1, "step": fit.step, "history": [dict(r) for r in fit.history],
+                 "best_score": fit.best_score, "best_epoch": fit.best_epoch, "stopped": fit.stop}
+        self.pending = self.pool.submit(save_checkpoint, fit.run, snap, state)
+
+    def after_fit(self, fit: Fit) -> None:
+        self._wait()
+        self.pool.shutdown()

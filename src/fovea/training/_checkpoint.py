@@ -41,25 +41,35 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> d
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(
-    run: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-    best: dict[str, torch.Tensor] | None, state: dict[str, Any],
-) -> None:
+def _host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def snapshot(
+    *, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    best: dict[str, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """Copy everything a checkpoint needs to host memory now, so it can be written later on another thread."""
+    opt_tensors, opt_rest = _optimizer_split(optimizer)
+    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state().cpu()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"model": _host(model.state_dict()), "optimizer": _host(opt_tensors), "optimizer_rest": opt_rest,
+            "rng": rng, "best": _host(best) if best is not None else None}
+
+
+def save_checkpoint(run: Path, snap: dict[str, Any], state: dict[str, Any]) -> None:
     epoch = state["epoch"]
     folder = run / f"ckpt-{epoch}"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    opt_tensors, opt_rest = _optimizer_split(optimizer)
-    save_file(opt_tensors, str(folder / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state().cpu()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(folder / "rng.safetensors"))
-    if best is not None:
-        save_file({k: v.cpu().contiguous() for k, v in best.items()}, str(folder / "best.safetensors"))
-    (folder / "state.json").write_text(json.dumps({**state, "optimizer": opt_rest}, default=float))
+    save_file(snap["model"], str(folder / "model.safetensors"))
+    save_file(snap["optimizer"], str(folder / "optimizer.safetensors"))
+    save_file(snap["rng"], str(folder / "rng.safetensors"))
+    if snap["best"] is not None:
+        save_file(snap["best"], str(folder / "best.safetensors"))
+    (folder / "state.json").write_text(json.dumps({**state, "optimizer": snap["optimizer_rest"]}, default=float))
     tmp = run / (POINTER + ".tmp")
     tmp.write_text(json.dumps({"folder": folder.name, "epoch": epoch}))
     os.replace(tmp, run / POINTER)

@@ -50,6 +50,7 @@ class Fit:
     best_epoch: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     stop: bool = False
+    val_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # val set, kept on the device
 
     def fire(self, event: str) -> None:
         for cb in self.callbacks:
@@ -81,9 +82,10 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) 
     raise FoveaError(f"unknown optimizer {name!r}")
 
 
-def evaluate_logits(fit: Fit) -> torch.Tensor:
-    return infer(fit.model, fit.val.images, mean=fit.batches.mean, std=fit.batches.std, device=fit.device,
-                 amp=bool(fit.cfg.amp), tta=fit.cfg.tta, channels_last=bool(fit.cfg.channels_last))
+def evaluate_logits(fit: Fit, tta: bool = False) -> torch.Tensor:
+    """Validation logits. Per-epoch checks skip test-time augmentation (half the cost); the final one uses it."""
+    return infer(fit.model, fit.val_images, mean=fit.batches.mean, std=fit.batches.std, device=fit.device,
+                 amp=bool(fit.cfg.amp), tta=tta, channels_last=bool(fit.cfg.channels_last))
 
 
 def run_epoch(fit: Fit, step_fn: Any) -> None:
@@ -92,12 +94,14 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     fit.model.train()
     fit.epoch_start = time.perf_counter()
     total_steps = fit.steps_per_epoch * int(cfg.epochs or 1)
+    peak = cfg.lr
+    assert peak is not None, "resolve() sets the learning rate"
     loss_sum = torch.zeros((), device=fit.device)
     correct = torch.zeros((), device=fit.device)
     seen = 0
     fit.fire("before_epoch")
     for x, y in fit.batches:
-        lr = lr_at(fit.step, total_steps, float(cfg.lr), cfg.schedule)
+        lr = lr_at(fit.step, total_steps, peak, cfg.schedule)
         for g in fit.opt.param_groups:
             g["lr"] = lr
         loss, logits = step_fn(x, y)
@@ -116,7 +120,7 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     val_loss = F.cross_entropy(logits, fit.val.labels).item() if len(fit.val) else float("nan")
     val_acc = (logits.argmax(1) == fit.val.labels).float().mean().item() if len(fit.val) else float("nan")
     fit.history.append({
-        "epoch": fit.epoch + 1, "lr": lr_at(fit.step - 1, total_steps, float(cfg.lr), cfg.schedule),
+        "epoch": fit.epoch + 1, "lr": lr_at(fit.step - 1, total_steps, peak, cfg.schedule),
         "train_loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1),
         "val_loss": val_loss, "val_acc": val_acc,
         "images_per_s": seen / max(train_seconds, 1e-9), "seconds": time.perf_counter() - fit.epoch_start,
@@ -180,7 +184,8 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = make_optimizer(str(cfg.optimizer), model, float(cfg.lr), float(cfg.weight_decay or 0.0))
+    assert cfg.lr is not None and cfg.optimizer is not None, "resolve() sets lr and optimizer"
+    opt = make_optimizer(cfg.optimizer, model, cfg.lr, float(cfg.weight_decay or 0.0))
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     mean, std = tuple(native["mean"]), tuple(native["std"])
@@ -190,7 +195,8 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     callbacks: list[Callback] = [BestTracker(cfg.monitor, cfg.patience), Checkpointer(),
                                  CSVLogger(run / "history.csv"), ProgressBar(cfg.progress)]
-    fit = Fit(cfg, run, model, opt, batches, val_set, device, generator, callbacks, steps_per_epoch=len(batches))
+    fit = Fit(cfg, run, model, opt, batches, val_set, device, generator, callbacks, steps_per_epoch=len(batches),
+              val_images=val_set.images.to(device))
     if cfg.resume:
         state, fit.best_state = load_checkpoint(run, model=model, optimizer=opt, generator=generator)
         fit.epoch, fit.step, fit.history = state["epoch"], state["step"], state["history"]
@@ -229,7 +235,7 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
     from fovea.evaluation import classification_metrics, write_report
 
     cfg, run = fit.cfg, fit.run
-    logits = evaluate_logits(fit)
+    logits = evaluate_logits(fit, tta=cfg.tta)
     metrics = classification_metrics(val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes) if len(val_set) else {}
     metrics.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "train_seconds": round(train_seconds, 2),
                     "n_train": len(train_set), "n_val": len(val_set), "skipped": len(quarantined)})

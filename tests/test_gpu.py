@@ -1,0 +1,61 @@
+"""GPU code paths: the cached set lives on the GPU, augmentation runs there, bf16 + channels_last train.
+
+Skipped without CUDA; run them on a GPU machine with ``pytest -m gpu``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import fovea
+from fovea.data import Batches, augment
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_batches_and_augmentation_stay_on_gpu() -> None:
+    dev = torch.device("cuda")
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 2
+    g = torch.Generator(device=dev)
+    g.manual_seed(0)
+    b = Batches(images, labels, 16, device=dev, mean=(0.5,) * 3, std=(0.25,) * 3, augment="standard",
+                shuffle=True, generator=g, channels_last=True)
+    assert b.images.device.type == "cuda"
+    xs = list(b)
+    assert all(x.device.type == "cuda" and y.device.type == "cuda" for x, y in xs)
+    assert xs[0][0].is_contiguous(memory_format=torch.channels_last)
+    g1, g2 = torch.Generator(device=dev), torch.Generator(device=dev)
+    g1.manual_seed(3)
+    g2.manual_seed(3)
+    x = torch.rand(8, 3, 32, 32, device=dev)
+    assert torch.equal(augment(x, "standard", g1), augment(x, "standard", g2))
+
+
+def test_train_on_gpu_bf16_and_load_on_cpu(tiny_pets: Path, tmp_path: Path) -> None:
+    run = fovea.train(tiny_pets, model="cnn", image_size=32, epochs=3, out=str(tmp_path / "run"), progress=False)
+    cfg = fovea.load(run, device="cpu").meta["training"]
+    assert cfg["device"] == "auto" and cfg["amp"] is True and cfg["channels_last"] is True
+    rows = list(csv.DictReader(open(run / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    files = sorted(str(p) for p in (tiny_pets / "val" / "cat").glob("*.jpg"))[:6]
+    gpu_preds, _ = fovea.load(run, device="cuda").predict(files)
+    cpu_preds, _ = fovea.load(run, device="cpu").predict(files)
+    assert [p.label for p in gpu_preds] == [p.label for p in cpu_preds]
+    for a, b in zip(gpu_preds, cpu_preds):
+        assert abs(a.probability - b.probability) < 0.05  # bf16 on GPU vs fp32 on CPU
+
+
+def test_resume_on_gpu(tiny_pets: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fovea.train(tiny_pets, model="cnn", image_size=32, epochs=2, out=str(out), progress=False)
+    fovea.train(tiny_pets, out=str(out), resume=True, epochs=4, progress=False)
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
