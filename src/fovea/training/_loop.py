@@ -152,6 +152,8 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     elif run.exists() and any(run.iterdir()):
         raise FoveaError(f"{run} already exists and is not empty; choose another --out or add --resume")
 
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     ds = discover(cfg.data, cfg.val_fraction, cfg.seed)
@@ -163,6 +165,8 @@ def train(data: str | Path, **kwargs: Any) -> Path:
         for k, v in why.items():
             log.info("%s: %s", k, v)
     size = int(cfg.image_size or 64)
+    timings["setup"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress, description="decoding train")
     val_set = load_images(ds.splits["val"], size, cache=cfg.cache, progress=cfg.progress, description="decoding val")
     quarantined = [{"path": p, "reason": r, "split": s}
@@ -177,6 +181,8 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     if lost:
         raise FoveaError(f"class(es) with no usable training image after quarantine: {', '.join(lost)}")
 
+    timings["decode"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     arch_kwargs = dict(cfg.extra)
     if cfg.dropout is not None:
         arch_kwargs["drop_rate"] = cfg.dropout
@@ -216,28 +222,30 @@ def train(data: str | Path, **kwargs: Any) -> Path:
         opt.step()
         return loss, logits
 
+    timings["model"] = time.perf_counter() - clock
     t0 = time.perf_counter()
     fit.fire("before_fit")
     while fit.epoch < int(cfg.epochs or 1) and not fit.stop:
         run_epoch(fit, step_fn)
         fit.epoch += 1
     fit.fire("after_fit")
-    train_seconds = time.perf_counter() - t0
+    timings["train"] = time.perf_counter() - t0
     if fit.best_state is not None:
         model.load_state_dict(fit.best_state)
-    return _finish(fit, ds, train_set, val_set, quarantined, arch_kwargs, mean, std, native, train_seconds)
+    return _finish(fit, ds, train_set, val_set, quarantined, arch_kwargs, mean, std, native, timings)
 
 
 def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantined: list[dict[str, str]],
             arch_kwargs: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...], native: dict[str, Any],
-            train_seconds: float) -> Path:
+            timings: dict[str, float]) -> Path:
     """Final validation metrics, the artifact, metrics.json and report.html."""
     from fovea.evaluation import classification_metrics, write_report
 
     cfg, run = fit.cfg, fit.run
+    clock = time.perf_counter()
     logits = evaluate_logits(fit, tta=cfg.tta)
     metrics = classification_metrics(val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes) if len(val_set) else {}
-    metrics.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "train_seconds": round(train_seconds, 2),
+    metrics.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "train_seconds": round(timings["train"], 2),
                     "n_train": len(train_set), "n_val": len(val_set), "skipped": len(quarantined)})
     last = fit.history[-1] if fit.history else {}
     metrics["final_train_acc"] = last.get("train_acc")
@@ -253,9 +261,12 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
                  "counts": ds.counts(), "quarantined": len(quarantined)},
     }
     save_artifact(run, fit.model, meta)
-    (run / "metrics.json").write_text(json.dumps({**metrics, "quarantined": quarantined}, indent=2, default=float))
     write_report(run / "report.html", title=f"{cfg.model} on {Path(cfg.data).name}", meta=meta, metrics=metrics,
                  history=fit.history, quarantined=quarantined)
+    timings["finish"] = time.perf_counter() - clock
+    metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    log.info("seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    (run / "metrics.json").write_text(json.dumps({**metrics, "quarantined": quarantined}, indent=2, default=float))
     log.info("run folder: %s", run)
     return run
 

@@ -1,0 +1,78 @@
+"""fovea.evaluate on a trained run: which images it uses, what it returns, what it refuses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fovea
+from fovea.errors import FoveaError
+
+REQUIRED = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "confusion_matrix", "classes", "n_images",
+            "skipped")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with pytest.MonkeyPatch.context() as mp:  # the per-test FOVEA_HOME does not exist yet at module scope
+        mp.setenv("FOVEA_HOME", str(tmp_path_factory.mktemp("eval_home")))
+        return fovea.train(tiny_pets, model="cnn", image_size=32, epochs=2, progress=False,
+                           out=str(tmp_path_factory.mktemp("eval_run") / "run"))
+
+
+def _class_tree(src: Path, dst: Path) -> Path:
+    for cls in ("cat", "dog"):
+        shutil.copytree(src / cls, dst / cls)
+    return dst
+
+
+def test_split_layout_is_evaluated_on_val(run: Path, tiny_pets: Path) -> None:
+    m = fovea.evaluate(run, tiny_pets, progress=False)
+    for key in REQUIRED:
+        assert key in m, f"evaluate() result lacks {key!r}"
+    assert m["split"] == "val"
+    assert m["n_images"] == 40
+    assert m["skipped"] == 0 and m["quarantined"] == []
+    assert m["classes"] == ["cat", "dog"]
+    cm = np.asarray(m["confusion_matrix"])
+    assert cm.shape == (2, 2) and cm.sum(1).tolist() == [20, 20]
+    assert m["accuracy"] == pytest.approx(np.trace(cm) / 40)
+    assert m["balanced_accuracy"] == pytest.approx((cm[0, 0] / 20 + cm[1, 1] / 20) / 2)
+    assert 0.0 <= m["roc_auc"] <= 1.0
+    assert 0.0 <= m["f1_macro"] <= 1.0
+    json.dumps(m)  # JSON-ready: the CLI prints it as is
+
+
+def test_class_tree_with_a_corrupt_file(run: Path, tiny_pets: Path, tmp_path: Path) -> None:
+    tree = _class_tree(tiny_pets / "val", tmp_path / "photos")
+    (tree / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not the rest of a JPEG")
+    m = fovea.evaluate(run, tree, progress=False)
+    assert m["split"] == "all"
+    assert m["n_images"] == 40
+    assert m["skipped"] == 1
+    assert [Path(q["path"]).name for q in m["quarantined"]] == ["broken.jpg"]
+    assert np.asarray(m["confusion_matrix"]).sum() == 40
+
+
+def test_report_is_written_on_request(run: Path, tiny_pets: Path, tmp_path: Path) -> None:
+    report = tmp_path / "eval.html"
+    fovea.evaluate(run, tiny_pets, progress=False, report=report)
+    page = report.read_text()
+    assert "Confusion matrix" in page and "data:image/png;base64," in page
+
+
+def test_unknown_class_folder_is_an_error(run: Path, tiny_pets: Path, tmp_path: Path) -> None:
+    tree = _class_tree(tiny_pets / "val", tmp_path / "photos")
+    (tree / "bird").mkdir()
+    shutil.copy(sorted((tree / "cat").glob("*.jpg"))[0], tree / "bird" / "b.jpg")
+    with pytest.raises(FoveaError, match="bird"):
+        fovea.evaluate(run, tree, progress=False)
+
+
+def test_not_a_run_folder_is_an_error(tiny_pets: Path, tmp_path: Path) -> None:
+    with pytest.raises(FoveaError, match="model.json"):
+        fovea.evaluate(tmp_path, tiny_pets, progress=False)
