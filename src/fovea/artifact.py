@@ -157,12 +157,18 @@ class Model:
             state = load_file(str(self.path / WEIGHTS))
         except (OSError, SafetensorError) as e:
             raise FoveaError(f"cannot read weights {self.path / WEIGHTS}: {e}") from e
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        expected = self.net.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
             raise FoveaError(
-                f"{self.path / WEIGHTS} does not match architecture {arch['name']}: "
-                f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+                f"{self.path / WEIGHTS} does not match architecture {arch['name']} with {len(self.classes)} classes: "
+                f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})"
             )
+        self.net.load_state_dict(state)
         self.net.to(self.device).eval()
         self.amp = self.device.type == "cuda"
 

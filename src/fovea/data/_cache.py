@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,18 @@ def _decode(data: bytes | None, size: int, max_pixels: int) -> np.ndarray | str:
         return e.reason
 
 
+def _decoder_pool(workers: int, n: int) -> Executor:
+    """Threads on small machines; forked processes where there are many cores and many images.
+
+    Decoding a 180 px JPEG is ~0.5 ms of Python around the GIL-free C decode, so threads stop scaling
+    past ~4 cores: 3000 pets images at 224 px took 3.9 s on 16 threads of the H200 machine. The
+    children only run PIL and NumPy (never torch or CUDA), which makes fork safe here.
+    """
+    if workers >= 4 and n >= 512 and "fork" in multiprocessing.get_all_start_methods():
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(workers)
+
+
 def _progress(total: int, description: str, enabled: bool):  # noqa: ANN202 - rich types are noisy
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -96,9 +109,11 @@ def load_images(
     images: list[np.ndarray] = []
     kept: list[Sample] = []
     quarantined: list[tuple[str, str]] = []
-    with _progress(len(samples), description, progress) as bar, ThreadPoolExecutor(workers) as pool:
+    with _progress(len(samples), description, progress) as bar, _decoder_pool(workers, len(samples)) as pool:
         task = bar.add_task(description, total=len(samples))
-        results = pool.map(lambda hd: _decode(hd[1], size, max_pixels), hashed)
+        payloads = [hd[1] for hd in hashed]
+        results = pool.map(_decode, payloads, [size] * len(payloads), [max_pixels] * len(payloads),
+                           chunksize=16 if isinstance(pool, ProcessPoolExecutor) else 1)
         for s, res in zip(samples, results):
             if isinstance(res, str):
                 quarantined.append((s.path, res))

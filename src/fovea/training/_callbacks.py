@@ -129,7 +129,9 @@ class Checkpointer(Callback):
         from fovea.training._checkpoint import save_checkpoint, snapshot
 
         self._wait()
-        snap = snapshot(model=fit.model, optimizer=fit.opt, generator=fit.generator, best=fit.best_state)
+        best_now = fit.best_epoch == fit.epoch + 1  # then the best weights are the model's: no second copy
+        snap = snapshot(model=fit.model, optimizer=fit.opt, generator=fit.generator,
+                        best=None if best_now else fit.best_state)
         state = {"epoch": fit.epoch + 1, "step": fit.step, "history": [dict(r) for r in fit.history],
                  "best_score": fit.best_score, "best_epoch": fit.best_epoch, "stopped": fit.stop}
         self.pending = self.pool.submit(save_checkpoint, fit.run, snap, state)

@@ -67,7 +67,7 @@ def save_checkpoint(run: Path, snap: dict[str, Any], state: dict[str, Any]) -> N
     save_file(snap["model"], str(folder / "model.safetensors"))
     save_file(snap["optimizer"], str(folder / "optimizer.safetensors"))
     save_file(snap["rng"], str(folder / "rng.safetensors"))
-    if snap["best"] is not None:
+    if snap["best"] is not None and state["best_epoch"] != epoch:  # else best == model.safetensors
         save_file(snap["best"], str(folder / "best.safetensors"))
     (folder / "state.json").write_text(json.dumps({**state, "optimizer": snap["optimizer_rest"]}, default=float))
     tmp = run / (POINTER + ".tmp")
@@ -93,7 +93,12 @@ def load_checkpoint(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     best_file = folder / "best.safetensors"
-    best = load_file(str(best_file)) if best_file.exists() else None
+    if best_file.exists():
+        best = load_file(str(best_file))
+    elif state.get("best_epoch") == state["epoch"]:
+        best = {k: v.clone() for k, v in model.state_dict().items()}
+    else:
+        best = None
     return state, best
 
 
