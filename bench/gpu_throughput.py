@@ -94,9 +94,15 @@ def fovea_run(data: str, model_name: str, size: int, batch: int, epochs: int, co
         rows = list(csv.DictReader(open(run / "history.csv")))
         m = json.loads((run / "metrics.json").read_text())
         n_train = m["n_train"]
+    # Count the images actually trained on (fovea drops the last partial batch, as the typical loop does).
+    seen = (n_train // batch) * batch * len(rows)
     steady = [float(r["images_per_s"]) for r in rows[1:]] or [float(rows[0]["images_per_s"])]
-    return {"end_to_end": n_train * epochs / wall, "in_loop": sum(steady) / len(steady), "wall_s": wall,
-            "timings": m["timings"]}
+    epoch_s = sorted(float(r["seconds"]) for r in rows[1:]) or [float(rows[0]["seconds"])]
+    return {"end_to_end": seen / wall, "in_loop": sum(steady) / len(steady), "wall_s": wall,
+            "timings": m["timings"], "first_epoch_s": round(float(rows[0]["seconds"]), 2),
+            "median_epoch_s": round(epoch_s[len(epoch_s) // 2], 3),
+            "sum_epoch_s": round(sum(float(r["seconds"]) for r in rows), 2),
+            "median_train_phase_s": round((n_train // batch) * batch / sorted(steady)[len(steady) // 2], 3)}
 
 
 def main() -> None:
@@ -130,6 +136,8 @@ def main() -> None:
             "typical_img_s": round(typ), "synthetic_img_s": round(syn),
             "fovea_end_to_end_img_s": round(fov["end_to_end"]), "fovea_in_loop_img_s": round(fov["in_loop"]),
             "fovea_wall_s": round(fov["wall_s"], 1), "fovea_timings": fov["timings"],
+            "fovea_first_epoch_s": fov["first_epoch_s"], "fovea_median_epoch_s": fov["median_epoch_s"],
+            "fovea_median_train_phase_s": fov["median_train_phase_s"], "fovea_sum_epoch_s": fov["sum_epoch_s"],
             "fovea_vs_typical": round(fov["end_to_end"] / typ, 2),
             "fovea_in_loop_vs_synthetic": round(fov["in_loop"] / syn, 3),
             "fovea_end_to_end_vs_synthetic": round(fov["end_to_end"] / syn, 3),

@@ -59,3 +59,16 @@ def test_resume_on_gpu(tiny_pets: Path, tmp_path: Path) -> None:
     fovea.train(tiny_pets, out=str(out), resume=True, epochs=4, progress=False)
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_checkpoint_copy_of_gpu_tensors_is_exact() -> None:
+    from fovea.training._checkpoint import _host, _tensors
+
+    tensors = {"w": torch.randn(7, 5, device="cuda"), "h": torch.randn(3, device="cuda").half(),
+               "b": torch.randn(4, 4, device="cuda").bfloat16().t(), "n": torch.tensor(12, device="cuda"),
+               "m": torch.rand(6, device="cuda") > 0.5, "step": torch.tensor(3.0)}  # Adam keeps step on the host
+    host = _tensors(_host(tensors))
+    assert set(host) == set(tensors)
+    for k, v in tensors.items():
+        assert host[k].device.type == "cpu" and host[k].dtype == v.dtype and host[k].shape == v.shape, k
+        assert torch.equal(host[k], v.cpu()), k

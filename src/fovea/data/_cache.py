@@ -11,12 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import multiprocessing
 import os
+import threading
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,33 +44,67 @@ class ImageSet:
         return len(self.paths)
 
 
-def _hash_file(path: str) -> tuple[str, bytes | None]:
+def _hash_file(path: str) -> str | None:
+    """Content hash of one file (read in one go; the bytes are not kept, so memory stays flat)."""
+    try:
+        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return None
+
+
+# The decoded images go straight into one (N, 3, S, S) array: in threads, a plain array; in forked
+# children, an anonymous shared mapping they inherit. Only a short status travels back per image, not
+# 150 KB of pixels through a pipe (which cost more than the decoding at 224 px).
+_out: np.ndarray | None = None
+
+
+def _attach(out: np.ndarray) -> None:
+    global _out
+    _out = out
+
+
+def _decode_into(i: int, path: str, size: int, max_pixels: int, out: np.ndarray | None = None) -> tuple[str | None, str | None]:
+    """Decode file ``path`` into row ``i``; returns (content hash, None) or (hash or None, reason)."""
+    target = _out if out is None else out
+    assert target is not None, "_attach() runs in every decoding process"
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        return f"unreadable:{e}", None
-    return hashlib.blake2b(data, digest_size=16).hexdigest(), data
-
-
-def _decode(data: bytes | None, size: int, max_pixels: int) -> np.ndarray | str:
-    if data is None:
-        return "unreadable file"
+        return None, f"unreadable file ({e.strerror or e})"
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
-        return load_square(data, size, max_pixels)
+        target[i] = load_square(data, size, max_pixels).transpose(2, 0, 1)
     except ImageError as e:
-        return e.reason
+        return digest, e.reason
+    return digest, None
 
 
-def _decoder_pool(workers: int, n: int) -> Executor:
+def _decode_all(paths: list[str], size: int, max_pixels: int, workers: int, bar: Any, task: Any) -> tuple[np.ndarray, list[tuple[str | None, str | None]]]:
     """Threads on small machines; forked processes where there are many cores and many images.
 
     Decoding a 180 px JPEG is ~0.5 ms of Python around the GIL-free C decode, so threads stop scaling
     past ~4 cores: 3000 pets images at 224 px took 3.9 s on 16 threads of the H200 machine. The
     children only run PIL and NumPy (never torch or CUDA), which makes fork safe here.
     """
+    n = len(paths)
+    shape = (n, 3, size, size)
     if workers >= 4 and n >= 512 and "fork" in multiprocessing.get_all_start_methods():
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    return ThreadPoolExecutor(workers)
+        buf = mmap.mmap(-1, max(1, n * 3 * size * size))  # MAP_SHARED | MAP_ANONYMOUS: children write here
+        out = np.frombuffer(buf, np.uint8, count=n * 3 * size * size).reshape(shape)
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_attach, initargs=(out,)) as pool:
+            results = []
+            for r in pool.map(_decode_into, range(n), paths, [size] * n, [max_pixels] * n, chunksize=32):
+                results.append(r)
+                bar.advance(task)
+        return out, results
+    out = np.empty(shape, np.uint8)
+    with ThreadPoolExecutor(workers) as pool:
+        results = []
+        for r in pool.map(lambda ip: _decode_into(ip[0], ip[1], size, max_pixels, out), enumerate(paths)):
+            results.append(r)
+            bar.advance(task)
+    return out, results
 
 
 def _progress(total: int, description: str, enabled: bool):  # noqa: ANN202 - rich types are noisy
@@ -88,40 +125,35 @@ def load_images(
     workers: int | None = None,
     progress: bool = True,
     description: str = "decoding",
+    write_behind: bool = False,
 ) -> ImageSet:
     """Decode ``samples`` to a uint8 ImageSet at ``size`` x ``size``; unusable files are quarantined.
 
     Args:
         cache: True for the default cache folder ($FOVEA_HOME/cache), a folder, or False for none.
         workers: decoding threads (PIL releases the GIL while decoding); default: all cores.
+        write_behind: write the disk cache on a background thread (training starts at once; the entry
+            appears atomically when written, and the interpreter waits for it before exiting).
     """
     workers = workers or os.cpu_count() or 1
+    paths = [s.path for s in samples]
     with ThreadPoolExecutor(workers) as pool:
-        hashed = list(pool.map(_hash_file, [s.path for s in samples]))
-    key_src = "\n".join(f"{h}:{s.label}" for (h, _), s in zip(hashed, samples))
-    key = hashlib.blake2b(f"v{CACHE_VERSION}:{size}:{max_pixels}\n{key_src}".encode(), digest_size=16).hexdigest()
+        hashes = list(pool.map(_hash_file, paths))
+    key = _cache_key(hashes, samples, size, max_pixels)
     folder = None if cache is False else (cache_dir() if cache is True else Path(cache))
     if folder is not None:
         hit = _read_cache(folder, key, samples)
         if hit is not None:
             log.info("image cache hit: %d images at %d px (%s)", len(hit), size, key)
             return hit
-    images: list[np.ndarray] = []
-    kept: list[Sample] = []
-    quarantined: list[tuple[str, str]] = []
-    with _progress(len(samples), description, progress) as bar, _decoder_pool(workers, len(samples)) as pool:
+    with _progress(len(samples), description, progress) as bar:
         task = bar.add_task(description, total=len(samples))
-        payloads = [hd[1] for hd in hashed]
-        results = pool.map(_decode, payloads, [size] * len(payloads), [max_pixels] * len(payloads),
-                           chunksize=16 if isinstance(pool, ProcessPoolExecutor) else 1)
-        for s, res in zip(samples, results):
-            if isinstance(res, str):
-                quarantined.append((s.path, res))
-            else:
-                images.append(res)
-                kept.append(s)
-            bar.advance(task)
-    arr = np.stack(images).transpose(0, 3, 1, 2).copy() if images else np.zeros((0, 3, size, size), np.uint8)
+        arr, results = _decode_all(paths, size, max_pixels, workers, bar, task)
+    quarantined = [(p, reason) for p, (_, reason) in zip(paths, results) if reason is not None]
+    keep = [i for i, (_, reason) in enumerate(results) if reason is None]
+    if len(keep) < len(samples):
+        arr = arr[keep]  # a copy without the unusable rows
+    kept = [samples[i] for i in keep]
     out = ImageSet(
         torch.from_numpy(arr),
         torch.tensor([s.label for s in kept], dtype=torch.int64),
@@ -129,8 +161,19 @@ def load_images(
         quarantined,
     )
     if folder is not None:
-        _write_cache(folder, key, out, samples)
+        if [h for h, _ in results] == hashes:
+            if write_behind:
+                threading.Thread(target=_write_cache, args=(folder, key, out, samples), name="fovea-cache-write").start()
+            else:
+                _write_cache(folder, key, out, samples)
+        else:
+            log.warning("some images changed while they were being read; not caching this set")
     return out
+
+
+def _cache_key(hashes: Sequence[str | None], samples: Sequence[Sample], size: int, max_pixels: int) -> str:
+    key_src = "\n".join(f"{h}:{s.label}" for h, s in zip(hashes, samples))
+    return hashlib.blake2b(f"v{CACHE_VERSION}:{size}:{max_pixels}\n{key_src}".encode(), digest_size=16).hexdigest()
 
 
 def _read_cache(folder: Path, key: str, samples: Sequence[Sample]) -> ImageSet | None:

@@ -119,22 +119,35 @@ class Checkpointer(Callback):
 
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self.pending: Future[None] | None = None
+        self.seconds = {"checkpoint_copy": 0.0, "checkpoint_wait": 0.0}  # time the training thread spent
 
     def _wait(self) -> None:
         if self.pending is not None:
+            t0 = time.perf_counter()
             self.pending.result()  # re-raises a failed write here, in the training thread
             self.pending = None
+            self.seconds["checkpoint_wait"] += time.perf_counter() - t0
+
+    def before_fit(self, fit: Fit) -> None:
+        # A resumed run's newest checkpoint on disk holds the best weights (as model or best file).
+        self.on_disk_epoch = fit.epoch if fit.epoch > 0 else None
 
     def after_epoch(self, fit: Fit) -> None:
         from fovea.training._checkpoint import save_checkpoint, snapshot
 
         self._wait()
-        best_now = fit.best_epoch == fit.epoch + 1  # then the best weights are the model's: no second copy
+        t0 = time.perf_counter()
+        epoch = fit.epoch + 1
+        # The best weights need copying only if no checkpoint on disk has them: when they are this
+        # epoch's (then they are model.safetensors) or in the previous checkpoint, they are linked.
+        linked = fit.best_epoch == epoch or (self.on_disk_epoch is not None and 0 < fit.best_epoch <= self.on_disk_epoch)
         snap = snapshot(model=fit.model, optimizer=fit.opt, generator=fit.generator,
-                        best=None if best_now else fit.best_state)
-        state = {"epoch": fit.epoch + 1, "step": fit.step, "history": [dict(r) for r in fit.history],
+                        best=None if linked else fit.best_state)
+        state = {"epoch": epoch, "step": fit.step, "history": [dict(r) for r in fit.history],
                  "best_score": fit.best_score, "best_epoch": fit.best_epoch, "stopped": fit.stop}
         self.pending = self.pool.submit(save_checkpoint, fit.run, snap, state)
+        self.on_disk_epoch = epoch
+        self.seconds["checkpoint_copy"] += time.perf_counter() - t0
 
     def after_fit(self, fit: Fit) -> None:
         self._wait()

@@ -155,6 +155,8 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batch shapes are fixed (drop_last): pick the fastest kernels once
     torch.manual_seed(cfg.seed)
     ds = discover(cfg.data, cfg.val_fraction, cfg.seed)
     source = source_of(cfg.model)
@@ -167,8 +169,10 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     size = int(cfg.image_size or 64)
     timings["setup"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress, description="decoding train")
-    val_set = load_images(ds.splits["val"], size, cache=cfg.cache, progress=cfg.progress, description="decoding val")
+    train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress, description="decoding train",
+                            write_behind=True)
+    val_set = load_images(ds.splits["val"], size, cache=cfg.cache, progress=cfg.progress, description="decoding val",
+                          write_behind=True)
     quarantined = [{"path": p, "reason": r, "split": s}
                    for s, st in (("train", train_set), ("val", val_set)) for p, r in st.quarantined]
     quarantined += [{"path": p, "reason": r, "split": "csv"} for p, r in ds.missing]
@@ -230,6 +234,9 @@ def train(data: str | Path, **kwargs: Any) -> Path:
         fit.epoch += 1
     fit.fire("after_fit")
     timings["train"] = time.perf_counter() - t0
+    for cb in callbacks:
+        if isinstance(cb, Checkpointer):
+            timings.update(cb.seconds)  # how much of "train" the checkpoints held the training thread
     if fit.best_state is not None:
         model.load_state_dict(fit.best_state)
     return _finish(fit, ds, train_set, val_set, quarantined, arch_kwargs, mean, std, native, timings)

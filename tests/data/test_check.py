@@ -1,0 +1,238 @@
+"""``fovea check`` on a messy folder of real photos: counts, imbalance, bad files, duplicates, leakage, advice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import make_subset
+from PIL import Image
+from typer.testing import CliRunner
+
+from fovea.cli import app
+from fovea.data._check import check, print_report
+from fovea.errors import FoveaError
+
+
+def photos(pets_root: Path, cls: str, n: int) -> list[Path]:
+    return sorted((pets_root / "train" / cls).glob("*.jpg"))[:n]
+
+
+def copy(src: Path, dst: Path) -> Path:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory, pets_root: Path) -> Path:
+    """train: 9 cats, 3 dogs (3:1); val: 2 cats + an exact copy of a train cat, 1 dog + a re-encoded,
+    resized train dog; and three unusable files (empty, text named .jpg, truncated JPEG)."""
+    root = tmp_path_factory.mktemp("messy")
+    cats, dogs = photos(pets_root, "cat", 11), photos(pets_root, "dog", 4)
+    for p in cats[:9]:
+        copy(p, root / "train" / "cat" / p.name)
+    for p in dogs[:3]:
+        copy(p, root / "train" / "dog" / p.name)
+    for p in cats[9:11]:
+        copy(p, root / "val" / "cat" / p.name)
+    copy(dogs[3], root / "val" / "dog" / dogs[3].name)
+    copy(cats[0], root / "val" / "cat" / "copy_of_train_cat.jpg")  # exact duplicate across splits
+    im = Image.open(dogs[1])
+    im.resize((im.width * 9 // 10, im.height * 9 // 10)).save(root / "val" / "dog" / "reshot_dog.jpg", quality=60)
+    (root / "train" / "cat" / "empty.jpg").write_bytes(b"")
+    (root / "train" / "dog" / "notes.jpg").write_text("shopping list: cat food\n")
+    data = cats[1].read_bytes()
+    (root / "val" / "cat" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(messy: Path) -> dict[str, Any]:
+    return check(messy, progress=False)
+
+
+def advice_with(r: dict[str, Any], text: str) -> str:
+    hits = [tip for tip in r["advice"] if text in tip]
+    assert len(hits) == 1, f"no single piece of advice mentions {text!r}: {r['advice']}"
+    return hits[0]
+
+
+def leak_names(group: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return sorted((f["split"], f["label"], Path(f["path"]).name) for f in group["files"])
+
+
+# ----------------------------------------------------------------------------------------------- contents
+
+
+def test_counts_per_split_and_class(report: dict[str, Any], messy: Path) -> None:
+    assert report["layout"] == "splits" and report["classes"] == ["cat", "dog"]
+    assert report["data"] == str(messy)
+    assert report["files"] == 20 and report["usable"] == 17
+    assert report["counts"] == {"train": {"cat": 10, "dog": 4}, "val": {"cat": 4, "dog": 2}}
+    assert report["usable_counts"] == {"train": {"cat": 9, "dog": 3}, "val": {"cat": 3, "dog": 2}}
+
+
+def test_sizes_modes_formats(report: dict[str, Any]) -> None:
+    s = report["sizes"]
+    assert s["min"] == [162, 162] and s["max"] == [180, 180] and s["median"] == [180, 180]
+    assert s["distinct"] == 2 and s["smaller_than_64px"] == 0
+    assert s["aspect_min"] == s["aspect_max"] == 1.0
+    assert report["modes"] == {"RGB": 17}
+    assert report["formats"] == {"JPEG": 17}
+
+
+def test_imbalance_is_measured_and_flagged(report: dict[str, Any]) -> None:
+    assert report["imbalance"] == {"train": 3.0, "val": 1.5}
+    tip = advice_with(report, "imbalanced")
+    assert "3.0:1 in train" in tip and "balanced accuracy" in tip
+
+
+def test_unusable_files_are_listed_with_reasons(report: dict[str, Any]) -> None:
+    q = {Path(x["path"]).name: x for x in report["quarantined"]}
+    assert set(q) == {"empty.jpg", "notes.jpg", "cut.jpg"}
+    assert "empty" in q["empty.jpg"]["reason"] and q["empty.jpg"]["split"] == "train"
+    assert "not an image" in q["notes.jpg"]["reason"] and q["notes.jpg"]["split"] == "train"
+    assert "truncated" in q["cut.jpg"]["reason"] and q["cut.jpg"]["split"] == "val"
+    assert "3 file(s) cannot be used" in advice_with(report, "cannot be used")
+
+
+def test_exact_duplicate_across_splits_is_leakage(report: dict[str, Any], pets_root: Path) -> None:
+    (group,) = report["exact_duplicates"]
+    first_cat = photos(pets_root, "cat", 1)[0].name
+    assert leak_names(group) == [("train", "cat", first_cat), ("val", "cat", "copy_of_train_cat.jpg")]
+    assert group["cross_split"] and not group["conflicting_labels"]
+    assert report["leakage"]["exact"] == 1
+
+
+def test_re_encoded_resized_photo_is_a_near_duplicate(report: dict[str, Any], pets_root: Path) -> None:
+    (group,) = report["near_duplicates"]
+    original = photos(pets_root, "dog", 2)[1].name
+    assert leak_names(group) == [("train", "dog", original), ("val", "dog", "reshot_dog.jpg")]
+    assert group["cross_split"] and not group["conflicting_labels"]
+    assert report["leakage"]["near"] == 1
+    tip = advice_with(report, "inflated")
+    assert "1 exact and 1 near-duplicate" in tip
+
+
+def test_small_classes_are_flagged(report: dict[str, Any]) -> None:
+    tips = [t for t in report["advice"] if "fewer than 10" in t]
+    assert len(tips) == 2
+    assert any(t.startswith("train:") and "(cat, dog)" in t for t in tips)
+    assert any(t.startswith("val:") and "(cat, dog)" in t for t in tips)
+
+
+def test_report_is_json_ready(report: dict[str, Any]) -> None:
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_a_clean_data_set_has_no_problems(tmp_path: Path, pets_root: Path) -> None:
+    r = check(make_subset(tmp_path, 10, 10, pets_root), progress=False)
+    assert r["advice"] == ["no problems found."]
+    assert r["quarantined"] == [] and r["exact_duplicates"] == [] and r["near_duplicates"] == []
+    assert r["leakage"] == {"exact": 0, "near": 0, "groups": []}
+    assert r["imbalance"] == {"train": 1.0, "val": 1.0}
+
+
+def test_duplicates_with_different_labels_are_called_out(tmp_path: Path, pets_root: Path) -> None:
+    root = make_subset(tmp_path, 10, 10, pets_root)
+    cat = photos(pets_root, "cat", 1)[0]
+    copy(cat, root / "train" / "dog" / "not_a_dog.jpg")
+    r = check(root, progress=False)
+    (group,) = r["exact_duplicates"]
+    assert group["conflicting_labels"] and not group["cross_split"]
+    assert advice_with(r, "different labels").startswith("1 duplicate group")
+    assert advice_with(r, "inside one split")
+
+
+def test_near_duplicate_threshold(tmp_path: Path, pets_root: Path) -> None:
+    """A brighter PNG of a JPEG photo is found inside one split (not leakage); the threshold bounds the search."""
+    root = make_subset(tmp_path, 3, 0, pets_root)
+    src = photos(pets_root, "cat", 1)[0]
+    arr = np.asarray(Image.open(src)).astype(int)
+    Image.fromarray(np.clip(arr + 40, 0, 255).astype(np.uint8)).save(root / "train" / "cat" / "brighter.png")
+    default = check(root, progress=False)
+    assert len(default["near_duplicates"]) == 1
+    assert {Path(f["path"]).name for f in default["near_duplicates"][0]["files"]} == {src.name, "brighter.png"}
+    assert not default["near_duplicates"][0]["cross_split"] and default["leakage"]["near"] == 0
+    assert default["formats"] == {"JPEG": 6, "PNG": 1}
+    found = [bool(check(root, progress=False, near_threshold=t)["near_duplicates"]) for t in range(-1, 5)]
+    assert found[0] is False and found[-1] is True
+    assert found == sorted(found)  # once found at some threshold, found at every larger one
+
+
+def test_csv_group_leakage_and_missing_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        name = f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+        # patient0 sits in train and val; the others stay on one side
+        group = "patient0" if i in (0, 4) else f"patient{i}"
+        rows.append([name, "ab"[i % 2], group, "train" if i < 4 else "val"])
+    rows.append(["lost.png", "a", "patient9", "train"])
+    with (tmp_path / "labels.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "group", "split"], *rows])
+    r = check(tmp_path / "labels.csv", progress=False)
+    assert r["layout"] == "csv" and r["usable"] == 8 and r["files"] == 9
+    assert r["leakage"]["groups"] == [{"group": "patient0", "splits": ["train", "val"]}]
+    assert "1 group(s) appear in more than one split" in advice_with(r, "split by group")
+    (lost,) = r["quarantined"]
+    assert Path(lost["path"]).name == "lost.png" and lost["split"] == "csv" and "does not exist" in lost["reason"]
+    assert r["modes"] == {"RGB": 8} and r["formats"] == {"PNG": 8} and r["sizes"]["smaller_than_64px"] == 8
+
+
+def test_missing_folder_is_a_fovea_error(tmp_path: Path) -> None:
+    with pytest.raises(FoveaError, match="does not exist"):
+        check(tmp_path / "nowhere", progress=False)
+
+
+def test_print_report_shows_the_problems(report: dict[str, Any], capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping of long lines
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "20 files, 17 usable, 2 classes" in out
+    assert "3 unusable file(s)" in out and "truncated" in out
+    assert "1 exact duplicates group(s) (1 across splits)" in out
+    assert "1 near duplicates group(s) (1 across splits)" in out
+    assert "LEAK" in out and "What to do" in out and "imbalanced" in out
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_json(messy: Path) -> None:
+    result = CliRunner().invoke(app, ["check", str(messy), "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)  # the whole of stdout is one JSON object
+    for key in ("layout", "classes", "files", "usable", "counts", "usable_counts", "imbalance", "sizes", "modes",
+                "formats", "quarantined", "exact_duplicates", "near_duplicates", "leakage", "advice"):
+        assert key in r, f"--json output lacks {key!r}"
+    assert r["usable_counts"] == {"train": {"cat": 9, "dog": 3}, "val": {"cat": 3, "dog": 2}}
+    assert len(r["quarantined"]) == 3 and all(q["reason"] for q in r["quarantined"])
+    assert r["leakage"]["exact"] == 1 and r["leakage"]["near"] == 1
+    assert any("imbalanced" in tip for tip in r["advice"])
+
+
+def test_cli_table(messy: Path) -> None:
+    result = CliRunner().invoke(app, ["check", str(messy)])
+    assert result.exit_code == 0, result.output
+    assert "17 usable" in result.stdout and "What to do" in result.stdout
+
+
+def test_cli_missing_folder_says_error_without_traceback(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "fovea.cli", "check", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0] and "nowhere" in errors[0]
+    assert "Traceback" not in done.stderr + done.stdout
