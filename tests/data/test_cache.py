@@ -202,3 +202,16 @@ def test_a_damaged_cache_entry_is_rebuilt(photos: list[Sample], fovea_home: Path
     assert counter.calls == 6
     assert same(first, second)
     assert np.load(npy, allow_pickle=False).shape == (6, 3, SIZE, SIZE)  # rewritten
+
+
+def test_a_file_listed_twice_keeps_both_labels_on_a_cache_hit(photos: list[Sample], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CSV may list one file twice, even under two labels; the cache must not merge the rows."""
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"")
+    samples = [photos[0], photos[1], Sample(photos[0].path, 1), Sample(str(broken), 0), Sample(str(broken), 1)]
+    first = load(samples)
+    assert first.labels.tolist() == [0, 0, 1]
+    assert [p for p, _ in first.quarantined] == [str(broken), str(broken)]
+    forbid_decoding(monkeypatch)
+    assert same(load(samples), first)

@@ -171,6 +171,24 @@ def test_16bit_tiff(tmp_path: Path) -> None:
     assert read_image(path)[0, :, 1].tolist() == [0, 128, 255]
 
 
+def test_32bit_tiff_is_scaled_by_the_signed_32bit_range(tmp_path: Path) -> None:
+    values = np.array([[0, 65535, 2**30, 2**31 - 1, -5]], dtype=np.int32)
+    path = tmp_path / "deep32.tif"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == "I"
+    assert read_image(path)[0, :, 0].tolist() == [0, 0, 128, 255, 0]
+
+
+def test_one_bright_pixel_does_not_change_the_scale_of_a_32bit_mode_image_without_a_depth() -> None:
+    """Pillow holds some 16-bit images in 32-bit mode "I"; their scale must not hang on their own maximum."""
+    from fovea.data._io import _to_rgb
+
+    values = np.array([[0, 32768, 65535]], dtype=np.int32)
+    brighter = np.array([[0, 32768, 65535, 70000]], dtype=np.int32)
+    assert _to_rgb(Image.fromarray(values, mode="I"))[0, :, 0].tolist() == [0, 128, 255]
+    assert _to_rgb(Image.fromarray(brighter, mode="I"))[0, :, 0].tolist() == [0, 128, 255, 255]
+
+
 # ------------------------------------------------------------------------------------------ orientation
 
 

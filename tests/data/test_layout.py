@@ -286,3 +286,29 @@ def test_missing_path(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_csv(tmp_path: Path) -> None:
     with pytest.raises(FoveaError, match="is a file"):
         discover(write_image(tmp_path / "one.png"))
+
+
+def test_csv_with_one_group_is_an_error_not_an_empty_train_split(tmp_path: Path) -> None:
+    rows = [[write_image(tmp_path / f"{c}{i}.png", i).name, c, "site1"] for c in "ab" for i in range(3)]
+    with pytest.raises(FoveaError, match="one group"):
+        discover(write_csv(tmp_path / "d.csv", ["path", "label", "group"], rows))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_split_never_takes_a_class_out_of_train(tmp_path: Path, seed: int) -> None:
+    # "big" holds 5 rows of both classes, "small" 1 row of class a: only "small" may go to val.
+    rows = [[write_image(tmp_path / f"big{i}.png", i).name, "ab"[i % 2], "big"] for i in range(5)]
+    rows.append([write_image(tmp_path / "small.png", 9).name, "a", "small"])
+    ds = discover(write_csv(tmp_path / "d.csv", ["path", "label", "group"], rows), val_fraction=0.2, seed=seed)
+    assert set(labels(ds, "train")) == {"a", "b"}
+    assert {s.group for s in ds.splits["val"]} <= {"small"}
+
+
+def test_csv_saved_by_excel_with_a_bom(tmp_path: Path) -> None:
+    for c in "ab":
+        for i in range(3):
+            write_image(tmp_path / f"{c}{i}.png", i)
+    text = "path,label\n" + "".join(f"{c}{i}.png,{c}\n" for c in "ab" for i in range(3))
+    (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    ds = discover(tmp_path / "d.csv", val_fraction=0.34)
+    assert ds.classes == ["a", "b"] and sum(len(v) for v in ds.splits.values()) == 6

@@ -22,6 +22,8 @@ def test_binary_counts_and_rates() -> None:
     m = classification_metrics(Y, binary_probs(P_DOG), ["cat", "dog"])
     assert m["confusion_matrix"] == [[4, 2], [1, 1]]
     assert m["accuracy"] == pytest.approx(5 / 8)
+    lo, hi = m["accuracy_95ci"]  # Wilson interval of 5/8: wide, as 8 images deserve
+    assert lo == pytest.approx(0.3057, abs=1e-3) and hi == pytest.approx(0.8632, abs=1e-3)
     # recall cat 4/6, recall dog 1/2
     assert m["balanced_accuracy"] == pytest.approx((4 / 6 + 1 / 2) / 2)
     cat, dog = m["per_class"]["cat"], m["per_class"]["dog"]

@@ -323,3 +323,11 @@ def test_empty_out_folder_is_accepted(tiny_pets: Path, tmp_path: Path) -> None:
     out.mkdir()
     run = fovea.train(tiny_pets, epochs=1, out=str(out), **TINY)
     assert (run / "model.safetensors").is_file()
+
+
+def test_progress_bars_on_a_short_epoch(tiny_pets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bar reads running figures that appear only every 10th step; an epoch of 2 steps must still work."""
+    run = fovea.train(tiny_pets, model="cnn", image_size=32, epochs=1, batch_size=32, out=str(tmp_path / "run"),
+                      progress=True)
+    assert (run / "model.safetensors").exists()
+    assert "epoch   1/1" in capsys.readouterr().err

@@ -162,10 +162,12 @@ def load_images(
     )
     if folder is not None:
         if [h for h, _ in results] == hashes:
+            # Positions, not paths: a CSV may list one file twice (even with two labels).
+            index = {"kept": keep, "quarantined": {str(i): r for i, (_, r) in enumerate(results) if r is not None}}
             if write_behind:
-                threading.Thread(target=_write_cache, args=(folder, key, out, samples), name="fovea-cache-write").start()
+                threading.Thread(target=_write_cache, args=(folder, key, out.images, index), name="fovea-cache-write").start()
             else:
-                _write_cache(folder, key, out, samples)
+                _write_cache(folder, key, out.images, index)
         else:
             log.warning("some images changed while they were being read; not caching this set")
     return out
@@ -197,16 +199,11 @@ def _read_cache(folder: Path, key: str, samples: Sequence[Sample]) -> ImageSet |
     )
 
 
-def _write_cache(folder: Path, key: str, data: ImageSet, samples: Sequence[Sample]) -> None:
+def _write_cache(folder: Path, key: str, images: torch.Tensor, index: dict[str, Any]) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        pos = {s.path: i for i, s in enumerate(samples)}
-        index = {
-            "kept": [pos[p] for p in data.paths],
-            "quarantined": {str(pos[p]): r for p, r in data.quarantined},
-        }
-        tmp = folder / f"{key}.tmp.npy"
-        np.save(tmp, data.images.numpy(), allow_pickle=False)
+        tmp = folder / f"{key}.{os.getpid()}-{threading.get_ident()}.tmp.npy"  # unique per writer
+        np.save(tmp, images.numpy(), allow_pickle=False)
         (folder / f"{key}.json").write_text(json.dumps(index))
         os.replace(tmp, folder / f"{key}.npy")  # atomic: a killed run never leaves half an entry
     except OSError as e:

@@ -5,7 +5,9 @@ Rules (documented in the README, applied identically in training, evaluation and
 - Transparency (RGBA, LA, palette with a transparent colour) is composited on white: a transparent
   background is most often "paper", and black would invent dark edges the model could latch onto.
 - 16-bit and 32-bit integer images are scaled to 8 bits by their type's full range (x / 257 for
-  16-bit), not by their own min/max, so brightness means the same thing across images.
+  16-bit, x / (2**31 - 1) * 255 for signed 32-bit), not by their own min/max, so brightness means the
+  same thing across images. The depth comes from the file (TIFF BitsPerSample); Pillow's 32-bit mode
+  "I" without one (a 16-bit PNG, say) counts as 16-bit. Negative values become 0.
 - Images above ``max_pixels`` (default 64 MP) are refused before decoding: a decompression bomb
   must never reach memory.
 """
@@ -28,12 +30,21 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def _bits(img: Image.Image) -> int:
+    """Declared bits per sample of an integer image (TIFF tag 258); 16 when the file does not say."""
+    tags = getattr(img, "tag_v2", None)
+    declared = tags.get(258) if tags is not None else None
+    if isinstance(declared, tuple):
+        declared = declared[0] if declared else None
+    return int(declared) if declared else 16
+
+
+def _to_rgb(img: Image.Image, bits: int = 16) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img)
-        if mode == "I" and arr.max(initial=0) > 65535:
-            scaled = arr.astype(np.float64) / 16843009.0  # 2**32-1 / 255: full 32-bit range
+        if mode == "I" and bits > 16:
+            scaled = arr.astype(np.float64) * (255.0 / (2**31 - 1))  # signed 32-bit: its full positive range
         else:
             scaled = arr.astype(np.float64) / 257.0  # 65535 / 255
         gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
@@ -107,8 +118,9 @@ def read_image(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Palette images with Transparency" chatter
             img.load()
+            bits = _bits(img)  # before the transpose, which returns an image without the file's tags
             img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+            return _to_rgb(img, bits)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, TypeError) as e:

@@ -116,26 +116,42 @@ def stratified_split(
 
 
 def _group_split(items: list[Sample], val_fraction: float, rng: random.Random) -> tuple[list[Sample], list[Sample]]:
+    """Whole groups go to val (seeded order) until it holds ``val_fraction`` of the items.
+
+    A group is moved only if train keeps at least one item of every class without it; a data set with
+    too few groups for that is a clear error rather than an empty or one-sided training split.
+    """
     groups: dict[str, list[Sample]] = defaultdict(list)
     for s in items:
         groups[str(s.group)].append(s)
+    if len(groups) < 2:
+        raise FoveaError(f"only one group ({next(iter(groups))!r}) in the CSV: a group-aware split needs at least "
+                         "two; add a split column (train/val) or more groups")
     names = sorted(groups)
     rng.shuffle(names)
     target = val_fraction * len(items)
+    left = Counter(s.label for s in items)  # items of each class still in train
     val_names: set[str] = set()
     n_val = 0
     for name in names:
         if n_val >= target:
             break
+        counts = Counter(s.label for s in groups[name])
+        if any(left[c] - k < 1 for c, k in counts.items()):
+            continue  # train would lose its last example of a class
         val_names.add(name)
+        left.subtract(counts)
         n_val += len(groups[name])
+    if not val_names:
+        raise FoveaError(f"cannot split {len(groups)} groups into train and val without leaving a class out of "
+                         "train; add a split column (train/val) or more groups")
     train = [s for n in names if n not in val_names for s in groups[n]]
     val = [s for n in names if n in val_names for s in groups[n]]
     return train, val
 
 
 def _from_csv(path: Path, val_fraction: float, seed: int) -> Dataset:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in fields or "label" not in fields:

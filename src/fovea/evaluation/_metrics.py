@@ -38,8 +38,10 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
             curves[c] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     # Recall averaged over the classes present: sklearn's balanced_accuracy_score.
     bal = float(np.mean([r[i] for i in present])) if len(present) else 0.0
+    correct = int((y_pred == y_true).sum())
     return {
-        "accuracy": float((y_pred == y_true).mean()) if len(y_true) else 0.0,
+        "accuracy": correct / len(y_true) if len(y_true) else 0.0,
+        "accuracy_95ci": list(accuracy_interval(correct, len(y_true))),  # Wilson: how far to trust it
         "balanced_accuracy": bal,
         "f1_macro": float(np.mean(f)) if n_classes else 0.0,
         "roc_auc": auc,

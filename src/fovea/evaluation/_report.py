@@ -92,9 +92,13 @@ def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, m
     matplotlib.use("Agg")
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>",
              f"<h1>{html.escape(title)}</h1>"]
-    keys = ["accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "n_images", "skipped",
+    keys = ["accuracy", "accuracy_95ci", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "n_images", "skipped",
             "n_train", "n_val", "best_epoch", "epochs_run", "train_seconds"]
     parts.append("<h2>Summary</h2>" + _table([[k, metrics[k]] for k in keys if k in metrics], ["metric", "value"]))
+    if "best_epoch" in metrics:
+        parts.append("<p class='note'>The best epoch was picked on this validation set, so its figures lean "
+                     "slightly optimistic; a test split the run never saw (<code>fovea evaluate RUN DATA/test</code>) "
+                     "gives the unbiased estimate.</p>")
     if history:
         parts.append("<h2>Learning curves</h2>" + learning_curves(history))
     classes = metrics.get("classes", [])

@@ -33,7 +33,9 @@ class ProgressBar(Callback):
         self.progress: Any = None
 
     def before_epoch(self, fit: Fit) -> None:
-        if not self.enabled:
+        from rich.console import Console
+
+        if not self.enabled or not Console(stderr=True).is_terminal:  # logs and pipes get the epoch lines only
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -47,8 +49,9 @@ class ProgressBar(Callback):
 
     def after_batch(self, fit: Fit) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, advance=1, loss=fit.running["loss"], acc=fit.running["acc"],
-                                 ips=fit.running["seen"] / max(time.perf_counter() - fit.epoch_start, 1e-9))
+            r = fit.running  # refreshed every 10th step (reading it syncs the GPU); empty before that
+            self.progress.update(self.task, advance=1, loss=r.get("loss", math.nan), acc=r.get("acc", math.nan),
+                                 ips=r.get("seen", 0) / max(time.perf_counter() - fit.epoch_start, 1e-9))
 
     def after_epoch(self, fit: Fit) -> None:
         if self.progress is not None:
@@ -62,7 +65,7 @@ class ProgressBar(Callback):
                 f"epoch {row['epoch']:>3}/{fit.cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.3f}  "
                 f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  "
                 f"{row['images_per_s']:.0f} img/s  {row['seconds']:.1f}s" + ("  *" if fit.best_epoch == row["epoch"] else ""),
-                highlight=False,
+                highlight=False, soft_wrap=True,
             )
 
     def after_fit(self, fit: Fit) -> None:

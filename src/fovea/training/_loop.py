@@ -99,6 +99,7 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     loss_sum = torch.zeros((), device=fit.device)
     correct = torch.zeros((), device=fit.device)
     seen = 0
+    fit.running = {}
     fit.fire("before_epoch")
     for x, y in fit.batches:
         lr = lr_at(fit.step, total_steps, peak, cfg.schedule)
