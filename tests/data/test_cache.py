@@ -215,3 +215,19 @@ def test_a_file_listed_twice_keeps_both_labels_on_a_cache_hit(photos: list[Sampl
     assert [p for p, _ in first.quarantined] == [str(broken), str(broken)]
     forbid_decoding(monkeypatch)
     assert same(load(samples), first)
+
+
+def test_forked_decoding_gives_what_threads_give(tmp_path: Path) -> None:
+    """Many cores and many images: decoding forks processes that write into one shared array."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(530):  # >= 512 images and 4 workers take the process path
+        p = tmp_path / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 256, (10 + i % 7, 12, 3), dtype=np.uint8)).save(p)
+        samples.append(Sample(str(p), i % 3))
+    (tmp_path / "100.png").write_bytes(b"")  # one unusable file in the middle
+    forked = load_images(samples, 8, cache=False, workers=4, progress=False)
+    threads = load_images(samples, 8, cache=False, workers=1, progress=False)
+    assert same(forked, threads)
+    assert len(forked) == 529 and forked.quarantined == [(samples[100].path, "empty file (0 bytes)")]
+    assert forked.labels.tolist() == [s.label for j, s in enumerate(samples) if j != 100]

@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 from fovea._home import cache_dir
 from fovea.data._io import MAX_PIXELS, load_square
 from fovea.data._layout import Sample
-from fovea.errors import ImageError
+from fovea.errors import FoveaError, ImageError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when decoding or resizing changes what is stored
@@ -56,6 +57,7 @@ def _hash_file(path: str) -> str | None:
 # children, an anonymous shared mapping they inherit. Only a short status travels back per image, not
 # 150 KB of pixels through a pipe (which cost more than the decoding at 224 px).
 _out: np.ndarray | None = None
+_writers: list[threading.Thread] = []  # cache entries being written behind training
 
 
 def _attach(out: np.ndarray) -> None:
@@ -89,14 +91,20 @@ def _decode_all(paths: list[str], size: int, max_pixels: int, workers: int, bar:
     n = len(paths)
     shape = (n, 3, size, size)
     if workers >= 4 and n >= 512 and "fork" in multiprocessing.get_all_start_methods():
+        for t in _writers:  # never fork while a cache write holds locks the children would inherit
+            t.join()
         buf = mmap.mmap(-1, max(1, n * 3 * size * size))  # MAP_SHARED | MAP_ANONYMOUS: children write here
         out = np.frombuffer(buf, np.uint8, count=n * 3 * size * size).reshape(shape)
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_attach, initargs=(out,)) as pool:
-            results = []
-            for r in pool.map(_decode_into, range(n), paths, [size] * n, [max_pixels] * n, chunksize=32):
-                results.append(r)
-                bar.advance(task)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_attach, initargs=(out,)) as pool:
+                results = []
+                for r in pool.map(_decode_into, range(n), paths, [size] * n, [max_pixels] * n, chunksize=32):
+                    results.append(r)
+                    bar.advance(task)
+        except BrokenProcessPool as e:
+            raise FoveaError("a decoding process died (out of memory, or a file that crashes the image library); "
+                             "run `fovea check` on the data to find it") from e
         return out, results
     out = np.empty(shape, np.uint8)
     with ThreadPoolExecutor(workers) as pool:
@@ -165,7 +173,9 @@ def load_images(
             # Positions, not paths: a CSV may list one file twice (even with two labels).
             index = {"kept": keep, "quarantined": {str(i): r for i, (_, r) in enumerate(results) if r is not None}}
             if write_behind:
-                threading.Thread(target=_write_cache, args=(folder, key, out.images, index), name="fovea-cache-write").start()
+                writer = threading.Thread(target=_write_cache, args=(folder, key, out.images, index), name="fovea-cache-write")
+                writer.start()
+                _writers[:] = [t for t in _writers if t.is_alive()] + [writer]
             else:
                 _write_cache(folder, key, out.images, index)
         else:

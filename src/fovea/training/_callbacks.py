@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fovea.errors import FoveaError
+
 if TYPE_CHECKING:
     from fovea.training._loop import Fit
 
@@ -127,8 +129,12 @@ class Checkpointer(Callback):
     def _wait(self) -> None:
         if self.pending is not None:
             t0 = time.perf_counter()
-            self.pending.result()  # re-raises a failed write here, in the training thread
-            self.pending = None
+            try:
+                self.pending.result()  # re-raises a failed write here, in the training thread
+            except OSError as e:
+                raise FoveaError(f"could not write a checkpoint ({e}); free some disk space, then add --resume") from e
+            finally:
+                self.pending = None
             self.seconds["checkpoint_wait"] += time.perf_counter() - t0
 
     def before_fit(self, fit: Fit) -> None:

@@ -170,10 +170,11 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     size = int(cfg.image_size or 64)
     timings["setup"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress, description="decoding train",
-                            write_behind=True)
+    # val first, so the larger train entry is the one written to the disk cache while training runs.
     val_set = load_images(ds.splits["val"], size, cache=cfg.cache, progress=cfg.progress, description="decoding val",
                           write_behind=True)
+    train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress, description="decoding train",
+                            write_behind=True)
     quarantined = [{"path": p, "reason": r, "split": s}
                    for s, st in (("train", train_set), ("val", val_set)) for p, r in st.quarantined]
     quarantined += [{"path": p, "reason": r, "split": "csv"} for p, r in ds.missing]
