@@ -114,3 +114,18 @@ def test_train_on_a_missing_folder(tmp_path: Path) -> None:
     assert "error:" in done.stderr and "does not exist" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_demo_without_pets_trains_on_the_digits_and_evaluates_only_unseen_images(
+        tmp_path: Path, fovea_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fovea.demo as demo
+
+    monkeypatch.setattr(demo, "find_pets", lambda: None)  # a machine without ../shared/data
+    monkeypatch.delenv("FOVEA_DEMO_DATA", raising=False)
+    run = demo.run_demo(out=tmp_path / "demo", epochs=2)
+    digits = fovea_home / "demo-data" / "digits"
+    assert len(list((digits / "train").rglob("*.png"))) == 1437 and len(list((digits / "val").rglob("*.png"))) == 360
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["n_train"], metrics["n_val"]) == (1437, 360)
+    assert len(metrics["classes"]) == 10
+    assert (run / "report.html").is_file() and (run / "evaluation.html").is_file()

@@ -26,19 +26,31 @@ def find_pets() -> Path | None:
 
 
 def make_digits(root: Path) -> Path:
-    """Write sklearn's digits as class folders of 8-bit PNGs (once; reused after)."""
+    """Write sklearn's digits as ROOT/{train,val}/CLASS/*.png (8-bit; once, reused after).
+
+    A fixed, stratified 80/20 split written to disk, so that evaluating ROOT measures the val images
+    only: never the ones the model trained on.
+    """
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
 
-    if root.exists() and sum(1 for _ in root.rglob("*.png")) == 1797:
+    if (root / "val").is_dir() and sum(1 for _ in root.rglob("*.png")) == 1797:
         return root
+    if root.exists():
+        import shutil
+
+        shutil.rmtree(root)  # an older or partial copy
     d = load_digits()
-    for i, (img, label) in enumerate(zip(d.images, d.target)):
-        folder = root / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        arr = (255 - img * 255 / 16).astype(np.uint8)  # dark ink on white, like a scan
-        Image.fromarray(arr, mode="L").save(folder / f"digit_{i:04d}.png")
+    index = np.arange(len(d.target))
+    train, val = train_test_split(index, test_size=0.2, stratify=d.target, random_state=0)
+    for split, ids in (("train", train), ("val", val)):
+        for i in ids:
+            folder = root / split / str(d.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            arr = (255 - d.images[i] * 255 / 16).astype(np.uint8)  # dark ink on white, like a scan
+            Image.fromarray(arr, mode="L").save(folder / f"digit_{i:04d}.png")
     return root
 
 

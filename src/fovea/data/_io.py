@@ -88,9 +88,10 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
     except OSError as e:
         raise ImageError(f"unreadable: {e}") from e
     w, h = img.size
-    if w * h > max_pixels:
-        raise ImageError(f"too large: {w}x{h} pixels exceeds the {max_pixels:,}-pixel limit (decompression-bomb guard)")
-    if w == 0 or h == 0:
+    if w * h > max_pixels or w == 0 or h == 0:
+        img.close()
+        if w * h > max_pixels:
+            raise ImageError(f"too large: {w}x{h} pixels exceeds the {max_pixels:,}-pixel limit (decompression-bomb guard)")
         raise ImageError(f"degenerate size {w}x{h}")
     return img
 
@@ -108,7 +109,7 @@ def read_image(
         draft_size: when set, let the JPEG decoder downscale by a power of two while keeping the
             shorter side >= this; 2-4x faster for large photos, and exact for what follows (a resize).
     """
-    img = open_image(source, max_pixels)
+    img = opened = open_image(source, max_pixels)
     try:
         if draft_size and img.format == "JPEG":
             w, h = img.size
@@ -130,6 +131,8 @@ def read_image(
         raise ImageError(f"corrupt or unsupported image: {msg}") from e
     except Exception as e:  # noqa: BLE001 - PIL plugins raise anything; never crash a whole run
         raise ImageError(f"could not decode: {type(e).__name__}: {e}") from e
+    finally:
+        opened.close()  # the file handle; the pixels returned are a separate array
 
 
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
