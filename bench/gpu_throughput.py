@@ -89,7 +89,7 @@ def fovea_run(data: str, model_name: str, size: int, batch: int, epochs: int, co
         os.environ["FOVEA_HOME"] = f"{d}/home"  # cold cache: decoding is part of the measured time
         t0 = time.perf_counter()
         run = fovea.train(data, model=model_name, image_size=size, batch_size=batch, epochs=epochs, out=f"{d}/run",
-                          progress=False, compile=compile, optimizer="sgd", lr=0.05)
+                          progress=False, compile=compile, optimizer="sgd", lr=0.05, pretrained=False)
         wall = time.perf_counter() - t0
         rows = list(csv.DictReader(open(run / "history.csv")))
         m = json.loads((run / "metrics.json").read_text())

@@ -108,10 +108,18 @@ def models(
     "fovea train data/pets --model resnet18 --image-size 224 --epochs 30 --device cuda",
     "fovea train data/pets --model cnn --image-size 160 --epochs 200 --arch widths=48,96,192,384,512",
     "fovea train data/pets --out runs/pets --resume --epochs 60",
+    "fovea train data/pets-extra --model resnet18 --no-pretrained --out runs/backbone   # pretrain a backbone",
+    "fovea train data/hymenoptera --weights runs/backbone --mode auto",
+    "fovea train data/hymenoptera --weights resnet18.safetensors --model resnet18 --mode finetune --freeze 0.5",
 ))
 def train(
     data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
-    model: Annotated[str, typer.Option(help="Architecture: mlp, cnn, any timm name, alexnet, googlenet (`fovea models`).")] = "cnn",
+    model: Annotated[str | None, typer.Option(help="Architecture: mlp, cnn, any timm name, alexnet, googlenet (`fovea models`); default cnn, or the --weights run's.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Start from these weights: a .safetensors/.pth/.pt file or a Fovea run folder.")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="timm hub weights (default for timm architectures; needs the network).")] = None,
+    mode: Annotated[str | None, typer.Option(help="scratch | features | finetune | auto (default: auto with weights, else scratch).")] = None,
+    freeze: Annotated[float | None, typer.Option(help="finetune: share of the backbone frozen from the input side (0-1).")] = None,
+    head_epochs: Annotated[int | None, typer.Option(help="finetune: epochs training only the new head first (default 1-3).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size in px (default: per model and device).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: from data size and device).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
@@ -141,7 +149,8 @@ def train(
 
     _setup_logging(quiet)
     run = run_train(
-        data, model=model, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        data, model=model, weights=weights, pretrained=pretrained, mode=mode, freeze=freeze, head_epochs=head_epochs,
+        image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, augment=augment, tta=tta,
         dropout=dropout, device=device, amp=amp, compile=compile, patience=patience, monitor=monitor,
         val_fraction=val_fraction, seed=seed, out=str(out) if out else None, resume=resume, cache=cache,

@@ -20,6 +20,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
 
     y_true = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
+    if len(probs):  # float32 softmax rows sum to 1 only within ~1e-7; sklearn checks
+        probs = probs / probs.sum(1, keepdims=True)
     n_classes = len(classes)
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
     labels = list(range(n_classes))

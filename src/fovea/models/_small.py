@@ -37,6 +37,9 @@ class MLP(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(x)
 
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -104,6 +107,9 @@ class CNN(nn.Module):
         # Scaled logits (as in airbench/hlb-cifar10): the pooled features are unnormalised and large, so
         # an unscaled head takes steps of |f|^2 * lr and diverged at lr 0.02 in our tests; 1/8 fixes it.
         return x if pre_logits else self.head(self.drop(x)) * self.logit_scale
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

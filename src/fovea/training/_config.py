@@ -11,12 +11,13 @@ from fovea.errors import FoveaError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "constant")
+MODES = ("scratch", "features", "finetune", "auto")
 
 
 @dataclass
 class TrainConfig:
     data: str
-    model: str = "cnn"
+    model: str | None = None  # None: cnn, or the architecture of a --weights run folder
     image_size: int | None = None  # None: the model's own size (cnn: 64 on CPU, 96 on GPU; timm: its cfg)
     epochs: int | None = None  # None: chosen from the model, data size and device (see resolve)
     batch_size: int | None = None  # None: 64 for < 1000 images, else 128 (CPU) / 256 (GPU)
@@ -28,7 +29,11 @@ class TrainConfig:
     augment: str | None = None  # None: "standard" (random resized crop + flip)
     tta: bool = True  # average the prediction of the image and its mirror: +0.5-1 point, 2x eval cost
     dropout: float | None = None  # None: the architecture's default
-    pretrained: bool = False  # hub weights (issue: transfer learning); off for reproducible scratch runs
+    pretrained: bool | None = None  # None: timm hub weights for timm architectures, none for ours
+    weights: str | None = None  # a weights file (.safetensors/.pth/.pt) or a Fovea run folder
+    mode: str | None = None  # scratch | features | finetune | auto; None: auto with weights, else scratch
+    freeze: float | None = None  # finetune: share of the backbone frozen from the input side (None: auto's, or 0)
+    head_epochs: int | None = None  # finetune: epochs training only the head first (None: 1-3)
     device: str = "auto"
     amp: bool | None = None  # None: bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16/AMX)
     channels_last: bool | None = None  # None: on for CUDA and for CPU bf16 (oneDNN's fast layout)
@@ -55,6 +60,10 @@ class TrainConfig:
             bad("augment", self.augment, AUGMENTATIONS)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             bad("device", self.device, ("auto", "cpu", "cuda"))
+        if self.mode is not None and self.mode not in MODES:
+            bad("mode", self.mode, MODES)
+        if self.freeze is not None and not 0 <= self.freeze <= 1:
+            raise FoveaError(f"--freeze must be a fraction in [0, 1], got {self.freeze}")
         if self.monitor not in ("val_acc", "val_loss"):
             bad("monitor", self.monitor, ("val_acc", "val_loss"))
         for name in ("image_size", "epochs", "batch_size"):
@@ -82,7 +91,7 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
     small_own = source == "fovea"
     # On a GPU the cnn can afford to be wide and see more pixels: this recipe (160 px, widths 48-512,
     # ~400k image passes) reached 92.8 % on pets from scratch in 62 s on an H200 (docs/benchmarks.md).
-    gpu_cnn = gpu and c.model == "cnn"
+    gpu_cnn = gpu and c.model == "cnn" and c.weights is None
     if gpu_cnn and "widths" not in c.extra:
         c.extra = {**c.extra, "widths": GPU_CNN_WIDTHS}
         why["widths"] = f"{','.join(map(str, GPU_CNN_WIDTHS))}: a wider cnn on a GPU"
@@ -97,12 +106,25 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
     if c.batch_size is None:
         c.batch_size = 64 if n_train < 1000 else (256 if gpu else 128)
         why["batch_size"] = f"{c.batch_size} for {n_train} training images on {device_type}"
+    if c.pretrained is None:
+        c.pretrained = source == "timm" and c.weights is None
+        if c.pretrained:
+            why["pretrained"] = "timm hub weights (the default for timm architectures; --no-pretrained to train from scratch)"
+    transfer = bool(c.weights or c.pretrained)
+    if c.mode is None:
+        c.mode = "auto" if transfer else "scratch"
+    if c.mode != "scratch" and not transfer:
+        raise FoveaError(f"--mode {c.mode} starts from trained weights: add --weights FILE|RUN, or --pretrained "
+                         "for a timm architecture (hub weights need the network)")
     if c.optimizer is None:
-        c.optimizer = "sgd" if small_own else "adamw"
-        why["optimizer"] = "SGD + Nesterov trains small nets from scratch best" if small_own else "AdamW for deep nets"
+        c.optimizer = "sgd" if small_own and not transfer else "adamw"
+        why["optimizer"] = ("SGD + Nesterov trains small nets from scratch best" if c.optimizer == "sgd"
+                            else "AdamW for transfer learning" if transfer else "AdamW for deep nets")
     if c.lr is None:
         base = {"sgd": 0.2, "rmsprop": 1e-3, "adam": 2e-3, "adamw": 2e-3}[c.optimizer]
         c.lr = base * c.batch_size / 256 if c.optimizer == "sgd" else base
+        if transfer:
+            c.lr /= 2  # the course: keep learning rates small on trained weights
         why["lr"] = f"{c.lr:g} (peak, {c.schedule})"
     if c.weight_decay is None:
         c.weight_decay = {"sgd": 5e-4, "rmsprop": 1e-5, "adam": 0.0, "adamw": 0.05}[c.optimizer]
@@ -111,7 +133,9 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
     if c.epochs is None:
         # Budget in image-passes: small data needs many epochs; a CPU can afford ~60k passes of the cnn
         # at 64 px in ~4 minutes (docs/benchmarks.md).
-        if gpu_cnn:
+        if transfer:  # trained weights need far fewer passes; a frozen backbone's head trains in seconds
+            c.epochs = max(10, min(30, 30_000 // max(n_train, 1)))
+        elif gpu_cnn:
             c.epochs = max(20, min(200, 400_000 // max(n_train, 1)))
         elif gpu:
             c.epochs = 40 if small_own else 30

@@ -19,10 +19,20 @@ from fovea.artifact import autocast, infer, pick_device, save_artifact
 from fovea.data import Batches, ImageSet, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import create_model, default_config, source_of
+from fovea.models._transfer import fold_probe, load_weights, read_weights
 from fovea.training._callbacks import BestTracker, Callback, Checkpointer, CSVLogger, ProgressBar
 from fovea.training._checkpoint import has_checkpoint, load_checkpoint
 from fovea.training._config import TrainConfig, resolve
 from fovea.training._schedule import lr_at
+from fovea.training._transfer import (
+    FeatureBatches,
+    Freezer,
+    choose_mode,
+    features,
+    finetune_param_groups,
+    measure_shift,
+    two_phase_lr,
+)
 
 log = logging.getLogger("fovea.training")
 
@@ -51,6 +61,8 @@ class Fit:
     best_state: dict[str, torch.Tensor] | None = None
     stop: bool = False
     val_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # val set, kept on the device
+    val_features: torch.Tensor | None = None  # features mode: the val set's embeddings
+    lr_fn: Any = None  # step -> learning rate; None: the configured schedule over the whole run
 
     def fire(self, event: str) -> None:
         for cb in self.callbacks:
@@ -66,11 +78,13 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm parameters (1-D tensors): decaying them only hurts.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+                   groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
+    if groups is None:
+        # No weight decay on biases and norm parameters (1-D tensors): decaying them only hurts.
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     if name == "adam":
@@ -84,6 +98,12 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) 
 
 def evaluate_logits(fit: Fit, tta: bool = False) -> torch.Tensor:
     """Validation logits. Per-epoch checks skip test-time augmentation (half the cost); the final one uses it."""
+    if fit.val_features is not None:
+        fit.model.eval()
+        with torch.no_grad():
+            out = fit.model(fit.val_features).float().cpu()
+        fit.model.train()
+        return out
     return infer(fit.model, fit.val_images, mean=fit.batches.mean, std=fit.batches.std, device=fit.device,
                  amp=bool(fit.cfg.amp), tta=tta, channels_last=bool(fit.cfg.channels_last))
 
@@ -101,10 +121,11 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     seen = 0
     fit.running = {}
     fit.fire("before_epoch")
+    lr_of = fit.lr_fn or (lambda step: lr_at(step, total_steps, peak, cfg.schedule))
     for x, y in fit.batches:
-        lr = lr_at(fit.step, total_steps, peak, cfg.schedule)
+        lr = lr_of(fit.step)
         for g in fit.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # discriminative learning rates when fine-tuning
         loss, logits = step_fn(x, y)
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
@@ -121,7 +142,7 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     val_loss = F.cross_entropy(logits, fit.val.labels).item() if len(fit.val) else float("nan")
     val_acc = (logits.argmax(1) == fit.val.labels).float().mean().item() if len(fit.val) else float("nan")
     fit.history.append({
-        "epoch": fit.epoch + 1, "lr": lr_at(fit.step - 1, total_steps, peak, cfg.schedule),
+        "epoch": fit.epoch + 1, "lr": lr_of(fit.step - 1),
         "train_loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1),
         "val_loss": val_loss, "val_acc": val_acc,
         "images_per_s": seen / max(train_seconds, 1e-9), "seconds": time.perf_counter() - fit.epoch_start,
@@ -129,9 +150,22 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     fit.fire("after_epoch")
 
 
+def _follow_weights_run(cfg: TrainConfig, meta: dict[str, Any] | None) -> TrainConfig:
+    """Weights from a Fovea run: its architecture (and options) and image size, unless the user chose."""
+    if meta is None:
+        return cfg
+    arch = meta.get("architecture", {})
+    if cfg.model and cfg.model != arch.get("name"):
+        raise FoveaError(f"--weights {cfg.weights} holds a {arch.get('name')}, not a {cfg.model}; "
+                         f"drop --model or use --model {arch.get('name')}")
+    kwargs = {k: v for k, v in arch.get("kwargs", {}).items() if k != "drop_rate"}
+    return dataclasses.replace(cfg, model=arch.get("name"), extra={**kwargs, **cfg.extra},
+                               image_size=cfg.image_size or int(meta["preprocessing"]["image_size"]))
+
+
 def _default_out(cfg: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{Path(cfg.data).stem}-{cfg.model}-{stamp}"
+    return Path("runs") / f"{Path(cfg.data).stem}-{cfg.model or Path(str(cfg.weights)).name}-{stamp}"
 
 
 def train(data: str | Path, **kwargs: Any) -> Path:
@@ -153,6 +187,12 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     elif run.exists() and any(run.iterdir()):
         raise FoveaError(f"{run} already exists and is not empty; choose another --out or add --resume")
 
+    weights_state, weights_meta = (None, None)
+    if cfg.weights:  # also on --resume: a features run's checkpoint holds only the probe, not the backbone
+        weights_state, weights_meta = read_weights(cfg.weights)
+        cfg = _follow_weights_run(cfg, weights_meta)
+    cfg.model = cfg.model or "cnn"
+
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     device = pick_device(cfg.device)
@@ -162,6 +202,7 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     ds = discover(cfg.data, cfg.val_fraction, cfg.seed)
     source = source_of(cfg.model)
     native = default_config(cfg.model)
+    user_lr = cfg.lr
     if not cfg.resume:
         cfg, why = resolve(cfg, device_type=device.type, n_train=len(ds.splits["train"]), source=source,
                            native_size=int(native["input_size"]), cpu_bf16=cpu_has_bf16())
@@ -192,31 +233,82 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     arch_kwargs = dict(cfg.extra)
     if cfg.dropout is not None:
         arch_kwargs["drop_rate"] = cfg.dropout
-    model = create_model(cfg.model, len(ds.classes), image_size=size, pretrained=cfg.pretrained, **arch_kwargs)
+    model = create_model(str(cfg.model), len(ds.classes), image_size=size, pretrained=bool(cfg.pretrained), **arch_kwargs)
+    mean, std = tuple(native["mean"]), tuple(native["std"])
+    if weights_meta is not None:  # a Fovea backbone: normalise as it was trained
+        mean, std = tuple(weights_meta["preprocessing"]["mean"]), tuple(weights_meta["preprocessing"]["std"])
+    transfer: dict[str, Any] = {"mode": cfg.mode}
+    if cfg.weights:
+        report = load_weights(model, cfg.weights, weights_state)
+        log.info("weights: %s", report.summary())
+        transfer["weights"] = report.to_dict()
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg.mode == "auto":
+        shift = measure_shift(model, train_set.images, mean, std, device, cfg.seed)
+        cfg.mode, freeze, decision = choose_mode(len(train_set), shift)
+        cfg.freeze = freeze if cfg.freeze is None else cfg.freeze
+        transfer.update(mode=cfg.mode, auto=decision)
+        log.info("--mode auto chose %s: %s", cfg.mode, decision["why"])
+    transfer["mode"] = cfg.mode
     assert cfg.lr is not None and cfg.optimizer is not None, "resolve() sets lr and optimizer"
-    opt = make_optimizer(cfg.optimizer, model, cfg.lr, float(cfg.weight_decay or 0.0))
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
-    mean, std = tuple(native["mean"]), tuple(native["std"])
-    batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), device=device, mean=mean,
-                      std=std, augment=str(cfg.augment), shuffle=True, drop_last=True, generator=generator,
-                      channels_last=bool(cfg.channels_last))
     run.mkdir(parents=True, exist_ok=True)
     callbacks: list[Callback] = [BestTracker(cfg.monitor, cfg.patience), Checkpointer(),
                                  CSVLogger(run / "history.csv"), ProgressBar(cfg.progress)]
-    fit = Fit(cfg, run, model, opt, batches, val_set, device, generator, callbacks, steps_per_epoch=len(batches),
-              val_images=val_set.images.to(device))
+    epochs = int(cfg.epochs or 1)
+    trained: nn.Module = model  # what the optimizer trains: the model, or only its classifier (features mode)
+    val_features = None
+    lr_fn = None
+    if cfg.mode == "features":
+        # A linear probe on standardised embeddings (well conditioned, so it trains in seconds), folded
+        # into the model's own classifier at the end: the artifact is the whole model, as for any mode.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        fkw: dict[str, Any] = {"mean": mean, "std": std, "device": device, "amp": bool(cfg.amp),
+                               "channels_last": bool(cfg.channels_last), "cache": bool(cfg.cache)}
+        t_feat = time.perf_counter()
+        train_feats = features(model, train_set.images, **fkw)
+        mu, sigma = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
+        train_feats = (train_feats - mu) / sigma
+        val_features = ((features(model, val_set.images, **fkw) - mu) / sigma).to(device)
+        timings["embed"] = time.perf_counter() - t_feat
+        trained = nn.Linear(train_feats.shape[1], len(ds.classes)).to(device)
+        if user_lr is None:
+            cfg.lr = 1e-2  # a linear probe on standardised features takes a larger step than a network
+        batches: Any = FeatureBatches(train_feats, train_set.labels, int(cfg.batch_size or 64), device=device,
+                                      generator=generator, mean=mean, std=std)
+        opt = make_optimizer(cfg.optimizer, trained, cfg.lr, float(cfg.weight_decay or 0.0))
+        transfer["embedding_dim"] = int(train_feats.shape[1])
+    else:
+        batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), device=device, mean=mean,
+                          std=std, augment=str(cfg.augment), shuffle=True, drop_last=True, generator=generator,
+                          channels_last=bool(cfg.channels_last))
+        if cfg.mode == "finetune":
+            freeze = float(cfg.freeze or 0.0)
+            groups, body, frozen_norms = finetune_param_groups(model, freeze, float(cfg.weight_decay or 0.0))
+            opt = make_optimizer(cfg.optimizer, model, cfg.lr, float(cfg.weight_decay or 0.0), groups=groups)
+            if cfg.head_epochs is None:
+                cfg.head_epochs = max(1, min(3, epochs // 5))
+            callbacks.append(Freezer(model, body, frozen_norms, cfg.head_epochs))
+            lr_fn = two_phase_lr(len(batches) * epochs, len(batches) * cfg.head_epochs, cfg.lr, cfg.schedule)
+            n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+            transfer.update(freeze=freeze, head_epochs=cfg.head_epochs, frozen_parameters=n_frozen,
+                            trainable_parameters=sum(p.numel() for p in model.parameters()) - n_frozen)
+        else:
+            opt = make_optimizer(cfg.optimizer, model, cfg.lr, float(cfg.weight_decay or 0.0))
+    fit = Fit(cfg, run, trained, opt, batches, val_set, device, generator, callbacks, steps_per_epoch=len(batches),
+              val_images=val_set.images.to(device), val_features=val_features, lr_fn=lr_fn)
     if cfg.resume:
-        state, fit.best_state = load_checkpoint(run, model=model, optimizer=opt, generator=generator)
+        state, fit.best_state = load_checkpoint(run, model=trained, optimizer=opt, generator=generator)
         fit.epoch, fit.step, fit.history = state["epoch"], state["step"], state["history"]
         fit.best_score, fit.best_epoch = state["best_score"], state["best_epoch"]
         log.info("resuming %s at epoch %d of %d", run, fit.epoch, cfg.epochs)
     (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
-    net: Any = torch.compile(model) if cfg.compile else model
+    net: Any = torch.compile(trained) if cfg.compile else trained
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def step_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,13 +332,19 @@ def train(data: str | Path, **kwargs: Any) -> Path:
         if isinstance(cb, Checkpointer):
             timings.update(cb.seconds)  # how much of "train" the checkpoints held the training thread
     if fit.best_state is not None:
-        model.load_state_dict(fit.best_state)
-    return _finish(fit, ds, train_set, val_set, quarantined, arch_kwargs, mean, std, native, timings)
+        trained.load_state_dict(fit.best_state)
+    if cfg.mode == "features":
+        assert isinstance(trained, nn.Linear)
+        fold_probe(model, trained, mu.to(device), sigma.to(device))
+    fit.model, fit.val_features = model, None
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return _finish(fit, ds, train_set, val_set, quarantined, arch_kwargs, mean, std, native, timings, transfer)
 
 
 def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantined: list[dict[str, str]],
             arch_kwargs: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...], native: dict[str, Any],
-            timings: dict[str, float]) -> Path:
+            timings: dict[str, float], transfer: dict[str, Any]) -> Path:
     """Final validation metrics, the artifact, metrics.json and report.html."""
     from fovea.evaluation import classification_metrics, write_report
 
@@ -265,6 +363,7 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
                           "mean": list(mean), "std": list(std), "interpolation": "bilinear",
                           "alpha": "composited on white", "tta": cfg.tta, "color": "RGB"},
         "training": cfg.to_dict(),
+        "transfer": transfer,
         "metrics": {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "roc_curves", "per_class")},
         "data": {"root": ds.root, "layout": ds.layout, "fingerprint": ds.fingerprint(),
                  "counts": ds.counts(), "quarantined": len(quarantined)},
