@@ -15,13 +15,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fovea.errors import FoveaError, ImageError
+
+if TYPE_CHECKING:
+    from fovea.ensemble import Ensemble
 
 FORMAT = "fovea.model"
 FORMAT_VERSION = 1
@@ -207,6 +210,14 @@ class Model:
         return preds, [(str(paths[i]), r) for i, r in bad]
 
 
-def load(path: str | Path, device: str = "auto") -> Model:
-    """Load a model artifact (a run folder or any folder with model.safetensors + model.json)."""
+def load(path: str | Path, device: str = "auto") -> Model | Ensemble:
+    """Load a model artifact (a run folder or any folder with model.safetensors + model.json).
+
+    A folder whose model.json has an "ensemble" entry holds no weights of its own: it loads as an
+    ``Ensemble`` of the model folders it lists, with the same interface as ``Model``.
+    """
+    if "ensemble" in read_meta(path):
+        from fovea.ensemble import Ensemble
+
+        return Ensemble(path, device)
     return Model(path, device)
