@@ -67,20 +67,22 @@ def demo(
 
 
 @app.command(epilog=_examples("fovea check data/pets", "fovea check data/pets --json > check.json",
-                              "fovea check labels.csv --val-fraction 0.25"))
+                              "fovea check labels.csv --val-fraction 0.25",
+                              "fovea check scans/ --group-regex '^(patient\\d+)_'   # one patient, one split"))
 def check(
     data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
     near_threshold: Annotated[int, typer.Option(help="Max Hamming distance of 64-bit perceptual hashes for a near-duplicate.")] = 4,
+    group_regex: Annotated[str | None, typer.Option(help="Group (patient, source) = this regex's first group on the file name; flags groups in two splits.")] = None,
 ) -> None:
     """Look at a data set: counts, imbalance, sizes and modes, unreadable files, duplicates and leakage."""
     from fovea.data._check import check as run_check
     from fovea.data._check import print_report
 
     report = run_check(data, val_fraction=val_fraction, seed=seed, near_threshold=near_threshold,
-                       progress=not as_json)
+                       progress=not as_json, group_regex=group_regex)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -111,6 +113,10 @@ def models(
     "fovea train data/pets-extra --model resnet18 --no-pretrained --out runs/backbone   # pretrain a backbone",
     "fovea train data/hymenoptera --weights runs/backbone --mode auto",
     "fovea train data/hymenoptera --weights resnet18.safetensors --model resnet18 --mode finetune --freeze 0.5",
+    "fovea train data/pets --augment strong --dropout 0.3 --l1 1e-6 --human-error 0.02",
+    "fovea train scans.csv --class-weights auto --folds 5          # imbalanced, grouped, cross-validated",
+    "fovea train scans/ --sampler balanced --group-regex '^(patient\\d+)_'",
+    "fovea train data/pets --seeds 5 --out runs/pets-ens           # 5 models and their ensemble",
 ))
 def train(
     data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
@@ -128,14 +134,24 @@ def train(
     weight_decay: Annotated[float | None, typer.Option(help="L2 weight decay.")] = None,
     schedule: Annotated[str, typer.Option(help="onecycle | cosine | constant")] = "onecycle",
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.")] = 0.1,
-    augment: Annotated[str | None, typer.Option(help="none | flip | light (translate+flip) | standard (random resized crop+flip)")] = None,
+    augment: Annotated[str | None, typer.Option(help="none | flip | light (translate+flip) | standard (random resized crop+flip) | strong (+rotation, colour jitter, random erasing, mixup/cutmix)")] = None,
+    mixup: Annotated[float | None, typer.Option(help="Mixup alpha (0 off; default 0.8 with --augment strong).")] = None,
+    cutmix: Annotated[float | None, typer.Option(help="CutMix alpha (0 off; default 1.0 with --augment strong).")] = None,
+    l1: Annotated[float, typer.Option(help="L1 penalty on weights, added to the loss.")] = 0.0,
+    batch_norm: Annotated[bool | None, typer.Option("--batch-norm/--no-batch-norm", help="mlp/cnn: with or without batch norm (default with).")] = None,
+    class_weights: Annotated[str, typer.Option(help="none | auto (loss weighted against imbalance)")] = "none",
+    sampler: Annotated[str, typer.Option(help="shuffle | balanced (oversample rare classes)")] = "shuffle",
+    group_regex: Annotated[str | None, typer.Option(help="Group (patient, source) = this regex's first group on the file name; splits keep groups whole.")] = None,
+    folds: Annotated[int | None, typer.Option(help="K-fold cross-validation: K runs, mean ± spread.")] = None,
+    seeds: Annotated[int, typer.Option(help="Train N models (seeds seed..seed+N-1) and ensemble them.")] = 1,
+    human_error: Annotated[float | None, typer.Option(help="Human-level error (e.g. 0.05) for the bias/variance diagnosis.")] = None,
     tta: Annotated[bool, typer.Option(help="Average predictions with the mirrored image.")] = True,
     dropout: Annotated[float | None, typer.Option(help="Dropout before the classifier.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 mixed precision (default: where native).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPU, long runs).")] = False,
     patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without improvement.")] = None,
-    monitor: Annotated[str, typer.Option(help="val_acc | val_loss: picks the best epoch.")] = "val_acc",
+    monitor: Annotated[str, typer.Option(help="val_acc | val_loss: keep the best epoch's weights; last: the final ones.")] = "val_acc",
     val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed: same seed, same run (on CPU).")] = 0,
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/DATA-MODEL-TIME).")] = None,
@@ -148,34 +164,68 @@ def train(
     from fovea.training import train as run_train
 
     _setup_logging(quiet)
+    extra = _parse_arch(arch)
+    if batch_norm is not None:
+        extra["batch_norm"] = batch_norm
     run = run_train(
         data, model=model, weights=weights, pretrained=pretrained, mode=mode, freeze=freeze, head_epochs=head_epochs,
         image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         weight_decay=weight_decay, schedule=schedule, label_smoothing=label_smoothing, augment=augment, tta=tta,
         dropout=dropout, device=device, amp=amp, compile=compile, patience=patience, monitor=monitor,
         val_fraction=val_fraction, seed=seed, out=str(out) if out else None, resume=resume, cache=cache,
-        extra=_parse_arch(arch), progress=not quiet,
+        extra=extra, progress=not quiet, mixup=mixup, cutmix=cutmix, l1=l1, class_weights=class_weights,
+        sampler=sampler, group_regex=group_regex, folds=folds, seeds=seeds, human_error=human_error,
     )
+    _print_train_result(run)
+
+
+def _print_train_result(run: Path) -> None:
+    from fovea.evaluation import format_diagnosis
+
+    if (run / "cv.json").exists():
+        cv = json.loads((run / "cv.json").read_text())
+        typer.echo((run / "cv.md").read_text().rstrip())
+        typer.echo(f"{cv['k']}-fold cross-validation: accuracy {cv['summary']['accuracy']['mean']:.4f} ± "
+                   f"{cv['summary']['accuracy']['std']:.4f} (sample std over folds)\nruns: {run}/fold-*")
+        return
     m = json.loads((run / "metrics.json").read_text())
     auc = f"{m['roc_auc']:.4f}" if m.get("roc_auc") is not None else "n/a"
+    if "members" in m:
+        for r in m["members"]:
+            typer.echo(f"member {Path(r['run']).name}: val accuracy {r['accuracy']:.4f}")
+        typer.echo(f"ensemble of {len(m['members'])}: val accuracy {m['accuracy']:.4f}  balanced "
+                   f"{m['balanced_accuracy']:.4f}  ROC-AUC {auc}  ({m['n_val']} images)")
+        typer.echo(f"ensemble model: {run}  (fovea predict {run} IMAGE)")
+        return
+    meta = json.loads((run / "model.json").read_text())
+    auto = meta.get("transfer", {}).get("auto")
+    if auto:
+        typer.echo(f"--mode auto chose {meta['transfer']['mode']}: {auto['why']}")
     typer.echo(f"val accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  ROC-AUC {auc}  "
                f"({m['n_val']} images, {m['skipped']} skipped)")
+    if m.get("diagnosis"):
+        typer.echo(format_diagnosis(m["diagnosis"]))
     typer.echo(f"run folder: {run}\nreport:     {run / 'report.html'}")
 
 
-@app.command(epilog=_examples("fovea evaluate runs/pets data/pets", "fovea evaluate runs/pets data/pets/val --json"))
+@app.command(epilog=_examples("fovea evaluate runs/pets data/pets", "fovea evaluate runs/pets data/pets/val --json",
+                              "fovea evaluate runs/scans data/scans --human-error 0.05   # bias or variance?"))
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder (model.safetensors + model.json).")],
     data: Annotated[Path, typer.Argument(help="Class folders (all evaluated) or a split layout (its test, else val, split).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     report: Annotated[Path | None, typer.Option(help="Also write an HTML report here.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    human_error: Annotated[float | None, typer.Option(help="Human-level error (e.g. 0.05) for the bias/variance diagnosis.")] = None,
 ) -> None:
     """Accuracy, balanced accuracy, precision/recall/F1, ROC-AUC and the confusion matrix on held-out data."""
     from fovea.evaluation import evaluate as run_eval
+    from fovea.evaluation import format_diagnosis
 
     _setup_logging(quiet=as_json)
-    m = run_eval(run, data, device=device, report=report, progress=not as_json)
+    if human_error is not None and not 0 <= human_error < 1:
+        raise FoveaError(f"--human-error is an error rate in [0, 1), got {human_error}")
+    m = run_eval(run, data, device=device, report=report, progress=not as_json, human_error=human_error)
     m.pop("roc_curves", None)
     if as_json:
         typer.echo(json.dumps(m, indent=2))
@@ -198,6 +248,8 @@ def evaluate(
     con.print(cm)
     for q in m["quarantined"]:
         con.print(f"[yellow]skipped[/] {q['path']}: {q['reason']}")
+    if m.get("diagnosis"):
+        con.print(format_diagnosis(m["diagnosis"]), markup=False)
 
 
 @app.command(epilog=_examples("fovea predict runs/pets cat.jpg dog.png", "fovea predict runs/pets photos/ --json --top-k 2"))
@@ -239,6 +291,114 @@ def predict(
             typer.echo(f"{path}\tskipped: {reason}", err=True)
     if skipped and len(skipped) == len(files):
         raise typer.Exit(1)
+
+
+@app.command(epilog=_examples(
+    "fovea compare data/pets",
+    "fovea compare data/pets --models mlp,cnn,resnet18 --no-pretrained --epochs 20 --out runs/fc-vs-cnn",
+    "fovea compare data/pets --models cnn,resnet18,mobilenetv3_small_100 --image-size 128 --device cuda",
+))
+def compare(
+    data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
+    models: Annotated[str, typer.Option(help="Comma-separated architectures (`fovea models`), each trained on DATA.")] = "mlp,cnn",
+    epochs: Annotated[int | None, typer.Option(help="Epochs for every model (default: per model, data size and device).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size in px for every model (default: per model and device).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="timm hub weights (default for timm architectures; needs the network).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the runs (OUT/MODEL) and the table (default runs/compare-DATA-TIME).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Train several models on the same data; one table of parameters, FLOPs, time and validation metrics."""
+    import time
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from fovea.compare import compare as run_compare
+    from fovea.compare import default_out, rich_table
+
+    _setup_logging(quiet)
+    start = time.perf_counter()
+    root = out or default_out(data)
+    rows = run_compare(data, models.split(","), out=root, progress=not quiet, epochs=epochs, image_size=image_size,
+                       batch_size=batch_size, device=device, seed=seed, pretrained=pretrained)
+    con = Console()
+    t = rich_table(rows, title=f"fovea compare: {escape(str(data))}", width=con.width)
+    con.print(t)
+    for r in rows:
+        if r.get("error"):
+            con.print(f"[red]{escape(r['model'])} failed:[/] {escape(r['error'])}", highlight=False)
+    con.print(f"whole command: {time.perf_counter() - start:.1f} s\n"
+              f"table: {root / 'compare.md'} (also compare.csv, compare.json)\n"
+              f"runs:  {root}/MODEL", highlight=False)
+    if all(r.get("error") for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command(epilog=_examples(
+    "fovea ensemble runs/pets-s0 runs/pets-s1 runs/pets-s2 --out runs/pets-ens",
+    "fovea ensemble runs/pets-cnn64 runs/pets-resnet18 --out runs/pets-ens --data data/pets   # table: members vs ensemble",
+    "fovea predict runs/pets-ens cat.jpg   # an ensemble is used like any model",
+))
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run folders with the same classes (any architectures and sizes).")],
+    out: Annotated[Path, typer.Option(help="Folder to write the ensemble model into (members are copied there).")],
+    data: Annotated[Path | None, typer.Option(help="Evaluate the ensemble and each member on DATA (its test, else val, split).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Combine trained models into one model that averages their class probabilities."""
+    from fovea.ensemble import make_ensemble, metrics_table
+
+    _setup_logging(quiet)
+    path = make_ensemble(runs, out, data=data, progress=not quiet)
+    metrics = json.loads((path / "model.json").read_text()).get("metrics")
+    if metrics:
+        from rich.console import Console
+
+        Console().print(metrics_table(metrics))
+    typer.echo(f"ensemble of {len(runs)} models: {path}  (fovea predict {path} IMAGE)")
+
+
+@app.command("lr-find", epilog=_examples(
+    "fovea lr-find data/pets",
+    "fovea lr-find data/pets --model mlp --image-size 32 --out runs/lrf-mlp",
+    "fovea lr-find data/hymenoptera --weights runs/backbone --batch-size 32   # the fine-tuning LR",
+    "fovea lr-find data/pets --optimizer adamw --steps 200 --end-lr 1",
+))
+def lr_find(
+    data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
+    model: Annotated[str | None, typer.Option(help="Architecture (`fovea models`); default cnn, or the --weights run's.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Start from these weights: a .safetensors/.pth/.pt file or a Fovea run folder.")] = None,
+    pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="timm hub weights (default for timm architectures; needs the network).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd | adam | adamw | rmsprop (default: what `fovea train` picks).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: what `fovea train` picks).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size in px (default: per model and device).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    start_lr: Annotated[float, typer.Option(help="First learning rate of the sweep.")] = 1e-7,
+    end_lr: Annotated[float, typer.Option(help="Last learning rate of the sweep.")] = 10.0,
+    steps: Annotated[int, typer.Option(help="Mini-batches in the sweep, one LR each (the data is cycled).")] = 100,
+    val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split (held out, as in train).")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed: initial weights, batch order, augmentation.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Folder for lr_find.png and lr_find.csv (default runs/lr-find-DATA-TIME).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """The learning-rate range test: ~100 steps with a growing LR; plots the loss and suggests --lr for train."""
+    from fovea.training import lr_find as run_lr_find
+
+    _setup_logging(quiet)
+    r = run_lr_find(data, out=out, start_lr=start_lr, end_lr=end_lr, steps=steps, model=model, weights=weights,
+                    pretrained=pretrained, optimizer=optimizer, batch_size=batch_size, image_size=image_size,
+                    device=device, val_fraction=val_fraction, seed=seed, progress=not quiet)
+    stop = (f"stopped at LR {r.diverged_lr:.3g}, where the smoothed loss passed 4x its minimum"
+            if r.diverged_lr is not None else f"no blow-up up to LR {r.lrs[-1]:.3g} ({len(r.lrs)} steps)")
+    typer.echo(f"suggested --lr {r.suggestion:.3g}  ({r.rule})\n"
+               f"  smoothed loss lowest at LR {r.min_loss_lr:.3g} (a tenth of it, more cautious: "
+               f"{r.min_loss_lr / 10:.3g}); {stop}\n"
+               f"  fovea train's own default here: {r.default_lr:.3g}\n"
+               f"curve: {r.out / 'lr_find.png'}, {r.out / 'lr_find.csv'}  ({r.seconds:.1f} s)\n"
+               f"use it: {r.command()}")
 
 
 def main() -> None:

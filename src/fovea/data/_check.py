@@ -83,11 +83,12 @@ def check(
     near_threshold: int = 4,
     max_pixels: int = MAX_PIXELS,
     progress: bool = True,
+    group_regex: str | None = None,
 ) -> dict[str, Any]:
     """Inspect every file of a data set; returns a JSON-ready report (see ``fovea check --help``)."""
     from fovea.data._cache import _progress
 
-    ds = discover(data, val_fraction, seed)
+    ds = discover(data, val_fraction, seed, group_regex=group_regex)
     entries = [(split, s) for split, ss in ds.splits.items() for s in ss]
     with _progress(len(entries), "checking", progress) as bar, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         task = bar.add_task("checking", total=len(entries))

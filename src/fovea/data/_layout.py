@@ -10,8 +10,10 @@ Three layouts are understood:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +152,31 @@ def _group_split(items: list[Sample], val_fraction: float, rng: random.Random) -
     return train, val
 
 
-def _from_csv(path: Path, val_fraction: float, seed: int) -> Dataset:
+def with_groups(samples: list[Sample], regex: str | None) -> list[Sample]:
+    """Give every sample a group from its file name: the regex's first capture group, or its whole match
+    (``--group-regex '^(P\\d+)_'`` puts P017_a.png and P017_b.png in group P017). A file the regex does
+    not match is a group of its own. Samples that already have a group (a CSV column) keep it."""
+    if regex is None:
+        return samples
+    try:
+        pattern = re.compile(regex)
+    except re.error as e:
+        raise FoveaError(f"--group-regex {regex!r} is not a valid regular expression: {e}") from e
+    out = []
+    for s in samples:
+        if s.group is not None:
+            out.append(s)
+            continue
+        name = Path(s.path).name
+        m = pattern.search(name)
+        group = (m.group(1) if m.groups() and m.group(1) is not None else m.group(0)) if m else name
+        out.append(dataclasses.replace(s, group=group))
+    if samples and all(Path(s.path).name == s.group for s in out):
+        raise FoveaError(f"--group-regex {regex!r} matches none of the file names (e.g. {Path(samples[0].path).name})")
+    return out
+
+
+def _from_csv(path: Path, val_fraction: float, seed: int, group_regex: str | None = None) -> Dataset:
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
@@ -179,6 +205,9 @@ def _from_csv(path: Path, val_fraction: float, seed: int) -> Dataset:
             explicit["val" if split in VAL_NAMES else split].append(s)
         else:
             samples.append(s)
+    if group_regex:
+        samples = with_groups(samples, group_regex)
+        explicit = defaultdict(list, {k: with_groups(v, group_regex) for k, v in explicit.items()})
     files = defaultdict(list)
     for s in samples + [s for v in explicit.values() for s in v]:
         files[classes[s.label]].append(Path(s.path))
@@ -193,14 +222,18 @@ def _from_csv(path: Path, val_fraction: float, seed: int) -> Dataset:
     return Dataset(str(path), "csv", classes, splits, missing)
 
 
-def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Find classes, files and splits in ``data`` (a folder or a CSV). Raises FoveaError with advice."""
+def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0, group_regex: str | None = None) -> Dataset:
+    """Find classes, files and splits in ``data`` (a folder or a CSV). Raises FoveaError with advice.
+
+    ``group_regex`` gives each file a group from its name (see ``with_groups``): a split made here keeps
+    every group in one split, and ``fovea check`` flags a group found in two of the user's splits.
+    """
     root = Path(data).expanduser()
     if not root.exists():
         raise FoveaError(f"{root} does not exist")
     if root.is_file():
         if root.suffix.lower() == ".csv":
-            return _from_csv(root, val_fraction, seed)
+            return _from_csv(root, val_fraction, seed, group_regex)
         raise FoveaError(f"{root} is a file; give a folder of class folders or a CSV with path,label")
     sub = {p.name.lower(): p for p in _class_dirs(root)}
     if "train" in sub:
@@ -212,7 +245,7 @@ def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Data
             unknown = sorted(set(files) - set(index))
             if unknown:
                 raise FoveaError(f"{where} has class folder(s) not in train: {', '.join(unknown)}")
-            return [Sample(str(p), index[c], None) for c in classes for p in files.get(c, [])]
+            return with_groups([Sample(str(p), index[c], None) for c in classes for p in files.get(c, [])], group_regex)
 
         splits = {"train": samples_of(train_files, sub["train"])}
         val_dir = next((sub[n] for n in VAL_NAMES if n in sub), None)
@@ -225,7 +258,7 @@ def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Data
         return Dataset(str(root), "splits", classes, splits)
     classes, files = _scan_classes(root)
     _check_classes(classes, files, root)
-    allsamples = [Sample(str(p), i, None) for i, c in enumerate(classes) for p in files[c]]
+    allsamples = with_groups([Sample(str(p), i, None) for i, c in enumerate(classes) for p in files[c]], group_regex)
     train, val = stratified_split(allsamples, val_fraction, seed)
     return Dataset(str(root), "folders", classes, {"train": train, "val": val})
 
@@ -260,3 +293,38 @@ def eval_samples(data: str | Path, classes: list[str]) -> tuple[list[Sample], li
     if not samples:
         raise FoveaError(f"no files to evaluate in {root}")
     return samples, [], used
+
+
+def kfold(ds: Dataset, k: int, seed: int = 0) -> list[Dataset]:
+    """K cross-validation data sets: train and val pooled, then split into k stratified folds (grouped
+    when every sample has a group, so a group is never in two folds); a test split stays out of all.
+
+    scikit-learn's StratifiedKFold / StratifiedGroupKFold do the assignment.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    pool = sorted(ds.splits.get("train", []) + ds.splits.get("val", []), key=lambda s: s.path)
+    labels = [s.label for s in pool]
+    smallest = min(Counter(labels).values())
+    if k < 2:
+        raise FoveaError(f"--folds needs at least 2 folds, got {k}")
+    grouped = bool(pool) and all(s.group is not None for s in pool)
+    if grouped:
+        n_groups = len({s.group for s in pool})
+        if n_groups < k:
+            raise FoveaError(f"--folds {k}: only {n_groups} groups; each fold needs at least one")
+        splitter: object = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        folds = splitter.split(pool, labels, [str(s.group) for s in pool])  # type: ignore[attr-defined]
+    else:
+        if smallest < k:
+            raise FoveaError(f"--folds {k}: the smallest class has {smallest} images; use at most {smallest} folds")
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(pool, labels)
+    out = []
+    for train_idx, val_idx in folds:
+        splits = {"train": [pool[i] for i in train_idx], "val": [pool[i] for i in val_idx]}
+        if "test" in ds.splits:
+            splits["test"] = ds.splits["test"]
+        if len({pool[i].label for i in train_idx}) < len(ds.classes):
+            raise FoveaError(f"--folds {k}: a fold's training part lacks a class (too few groups per class); use fewer folds")
+        out.append(Dataset(ds.root, ds.layout, ds.classes, splits, ds.missing))
+    return out

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("none", "flip", "light", "standard")
+AUGMENTATIONS = ("none", "flip", "light", "standard", "strong")
+# strong = standard + rotation + per-image colour jitter + random erasing (+ mixup/cutmix, in the training step).
 
 
 def _affine_norm(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +41,7 @@ def _affine(
     """Per-sample affine matrices (B, 2, 3) in grid_sample's normalised coordinates."""
     u = torch.rand(b, 5, device=device, generator=g)
     flip = torch.where(u[:, 0] < 0.5, -1.0, 1.0)
-    if policy == "standard":
+    if policy in ("standard", "strong"):
         # Random resized crop (Szegedy et al. 2015): area in [0.35, 1], aspect in [3/4, 4/3].
         # The lower bound is higher than ImageNet's 0.08: small images have few pixels to spare.
         area = 0.35 + 0.65 * u[:, 1]
@@ -59,15 +60,62 @@ def _affine(
         sx = sy = torch.ones(b, device=device)
         tx = ty = torch.zeros(b, device=device)
     theta = torch.zeros(b, 2, 3, device=device)
-    theta[:, 0, 0] = sx * flip
+    if policy == "strong":  # rotation by up to 15 degrees, composed with the crop
+        a = (torch.rand(b, device=device, generator=g) * 2 - 1) * math.radians(15)
+        cos, sin = torch.cos(a), torch.sin(a)
+        theta[:, 0, 0], theta[:, 0, 1] = cos * sx * flip, -sin * sy
+        theta[:, 1, 0], theta[:, 1, 1] = sin * sx * flip, cos * sy
+    else:
+        theta[:, 0, 0] = sx * flip
+        theta[:, 1, 1] = sy
     theta[:, 0, 2] = tx
-    theta[:, 1, 1] = sy
     theta[:, 1, 2] = ty
     return theta
 
 
-def augment(x: torch.Tensor, policy: str, g: torch.Generator) -> torch.Tensor:
-    """Augment a float batch (B, C, H, W) with one batched grid_sample; ``none`` returns x."""
+def color_jitter(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, g: torch.Generator,
+                 strength: float = 0.3) -> torch.Tensor:
+    """Per-image brightness, contrast and saturation factors in [1 - strength, 1 + strength].
+
+    Works on normalised batches (un-normalise, jitter, re-normalise: a few element-wise ops).
+    torchvision's ColorJitter draws one factor per call, i.e. per batch here; we want one per image.
+    """
+    b = x.shape[0]
+    f = 1 + (torch.rand(b, 3, 1, 1, 1, device=x.device, generator=g) * 2 - 1) * strength
+    rgb = x * std + mean  # back to [0, 1]
+    rgb = rgb * f[:, 0]  # brightness
+    gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+    rgb = (rgb - gray.mean((2, 3), keepdim=True)) * f[:, 1] + gray.mean((2, 3), keepdim=True)  # contrast
+    gray = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+    rgb = (gray + (rgb - gray) * f[:, 2]).clamp_(0, 1)  # saturation
+    return (rgb - mean) / std
+
+
+def random_erase(x: torch.Tensor, g: torch.Generator, p: float = 0.25) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017): with probability p, one rectangle per image of 2-25 % of the
+    area (aspect 0.3-3.3) is replaced by noise. One masked op for the batch; timm's RandomErasing loops
+    over the images in Python and draws from the unseeded ``random`` module.
+    """
+    b, c, h, w = x.shape
+    u = torch.rand(b, 5, device=x.device, generator=g)
+    area = (0.02 + 0.23 * u[:, 0]) * h * w
+    aspect = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * u[:, 1])
+    eh = torch.sqrt(area * aspect).clamp(max=h)
+    ew = torch.sqrt(area / aspect).clamp(max=w)
+    y0 = (h - eh) * u[:, 2]
+    x0 = (w - ew) * u[:, 3]
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    box = ((ys >= y0.view(-1, 1, 1)) & (ys < (y0 + eh).view(-1, 1, 1))
+           & (xs >= x0.view(-1, 1, 1)) & (xs < (x0 + ew).view(-1, 1, 1)) & (u[:, 4] < p).view(-1, 1, 1))
+    noise = torch.randn(x.shape, device=x.device, generator=g, dtype=x.dtype)
+    return torch.where(box.unsqueeze(1), noise, x)
+
+
+def augment(x: torch.Tensor, policy: str, g: torch.Generator,
+            norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Augment a normalised float batch (B, C, H, W): one batched grid_sample for the geometry; ``strong``
+    adds colour jitter (needs ``norm`` = per-channel (mean, std) tensors) and random erasing."""
     if policy == "none":
         return x
     if policy not in AUGMENTATIONS:
@@ -75,7 +123,12 @@ def augment(x: torch.Tensor, policy: str, g: torch.Generator) -> torch.Tensor:
     b, c, h, w = x.shape
     theta = _affine(b, policy, x.device, g, w)
     grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if policy == "strong":
+        if norm is not None:
+            x = color_jitter(x, norm[0], norm[1], g)
+        x = random_erase(x, g)
+    return x
 
 
 class Batches:
@@ -110,6 +163,7 @@ class Batches:
         self.device = device
         self.mean, self.std = mean, std
         self._coef = _affine_norm(mean, std, device)
+        self._norm = (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
         self.policy = augment
         self.shuffle, self.drop_last = shuffle, drop_last
         self.generator = generator or torch.Generator(device=device)
@@ -131,7 +185,7 @@ class Batches:
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = normalize(self.images[idx], self.mean, self.std, self._coef)
-            x = augment(x, self.policy, self.generator)
+            x = augment(x, self.policy, self.generator, self._norm)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]

@@ -84,6 +84,33 @@ th{background:#f3f3f3}h2{margin-top:1.6em;border-bottom:1px solid #ddd}img{max-w
 pre{background:#f7f7f7;padding:.8em;overflow:auto}.warn{color:#a40}"""
 
 
+def _diagnosis_html(d: dict[str, Any]) -> str:
+    human = f"{d['human_error']:.1%}" + ("" if d["human_error_given"] else " (assumed 0: pass --human-error)")
+    rows = [["training error (train images, no augmentation)", f"{d['train_error']:.1%}"],
+            ["validation error", f"{d['val_error']:.1%}"], ["human-level error", human],
+            ["avoidable bias = training - human", f"{d['avoidable_bias']:.1%}"],
+            ["variance = validation - training", f"{d['variance']:.1%}"]]
+    steps = "".join(f"<li>{html.escape(s)}</li>" for s in d["next_steps"])
+    return (f"<h2>Diagnosis: {html.escape(d['verdict'])}</h2>" + _table(rows, ["", ""])
+            + f"<p>{html.escape(d['why'])}.</p><p>Next steps:</p><ul>{steps}</ul>")
+
+
+def _transfer_html(t: dict[str, Any]) -> str:
+    parts = [f"<h2>Transfer learning: {html.escape(str(t['mode']))}</h2>"]
+    auto = t.get("auto")
+    if auto:
+        parts.append(f"<p><b>--mode auto</b> chose <b>{html.escape(str(t['mode']))}</b>: {html.escape(auto['why'])}.</p>")
+        rows = [[k, v] for k, v in auto.items() if k != "why"]
+        parts.append(_table(rows, ["measured / rule", "value"]))
+    rows = [[k, t[k]] for k in ("freeze", "head_epochs", "frozen_parameters", "trainable_parameters", "embedding_dim") if k in t]
+    if rows:
+        parts.append(_table(rows, ["setting", "value"]))
+    w = t.get("weights")
+    if w:
+        parts.append("<h3>Weights</h3><pre>" + html.escape(json.dumps(w, indent=2, default=str)) + "</pre>")
+    return "".join(parts)
+
+
 def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, metrics: dict[str, Any],
                  history: list[dict[str, Any]] | None = None, quarantined: list[dict[str, str]] | None = None) -> Path:
     """Write report.html; every plot is embedded, so the file can be mailed or archived alone."""
@@ -99,6 +126,10 @@ def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, m
         parts.append("<p class='note'>The best epoch was picked on this validation set, so its figures lean "
                      "slightly optimistic; a test split the run never saw (<code>fovea evaluate RUN DATA/test</code>) "
                      "gives the unbiased estimate.</p>")
+    if metrics.get("diagnosis"):
+        parts.append(_diagnosis_html(metrics["diagnosis"]))
+    if meta and meta.get("transfer", {}).get("mode") not in (None, "scratch"):
+        parts.append(_transfer_html(meta["transfer"]))
     if history:
         parts.append("<h2>Learning curves</h2>" + learning_curves(history))
     classes = metrics.get("classes", [])

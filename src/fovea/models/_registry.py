@@ -62,6 +62,15 @@ def create_model(
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``name`` with a ``num_classes`` head. Extra kwargs go to the architecture (e.g. drop_rate)."""
+    try:
+        return _create(name, num_classes, image_size=image_size, pretrained=pretrained, **kwargs)
+    except TypeError as e:  # an --arch option (or --batch-norm) the architecture does not take
+        if not kwargs:
+            raise
+        raise FoveaError(f"{name} does not take the option(s) {', '.join(sorted(kwargs))} ({e})") from e
+
+
+def _create(name: str, num_classes: int, *, image_size: int, pretrained: bool, **kwargs: Any) -> nn.Module:
     src = source_of(name)
     if src == "fovea":
         return _MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)

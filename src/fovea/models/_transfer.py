@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -216,14 +215,14 @@ def norm_modules(model: nn.Module, names: set[str]) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def domain_shift(model: nn.Module, images: torch.Tensor) -> float | None:
+def domain_shift(model: nn.Module, images: torch.Tensor) -> list[float] | None:
     """How far new images sit from what the backbone was trained on, from its BatchNorm statistics.
 
     For every BatchNorm layer, the per-channel mean and variance of the new images' activations are
     compared with the layer's running statistics (what the backbone saw in training) as a KL divergence
-    between two Gaussians, averaged over channels, then over layers. 0 means "looks like the training
-    data"; images of another kind (digits for a photo backbone) score several times higher. ``images``
-    are already normalised, on the model's device. None when the model has no BatchNorm.
+    between two Gaussians, averaged over channels: one figure per layer, input side first. 0 means
+    "looks like the training data". ``images`` are already normalised, on the model's device. None when
+    the model has no BatchNorm.
     """
     norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
              and m.running_mean is not None and m.running_var is not None]
@@ -251,5 +250,4 @@ def domain_shift(model: nn.Module, images: torch.Tensor) -> float | None:
         for h in handles:
             h.remove()
         model.train(was_training)
-    finite = [s for s in scores if math.isfinite(s)]
-    return sum(finite) / len(finite) if finite else None
+    return scores

@@ -2,6 +2,7 @@
 
 from fovea.training._config import OPTIMIZERS, SCHEDULES, TrainConfig
 from fovea.training._loop import train
+from fovea.training._lr_find import lr_find as lr_find  # re-exported (fovea.training.lr_find)
 from fovea.training._schedule import lr_at
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "lr_at", "train"]

@@ -99,10 +99,11 @@ class BestTracker(Callback):
     def _better(self, new: float, old: float | None) -> bool:
         if old is None:
             return True
-        return new > old if self.monitor == "val_acc" else new < old
+        return new > old if self.monitor in ("val_acc", "last") else new < old
 
     def after_epoch(self, fit: Fit) -> None:
-        score = fit.history[-1][self.monitor]
+        # "last" keeps the final weights: the epoch number always improves.
+        score = fit.history[-1]["epoch" if self.monitor == "last" else self.monitor]
         if self._better(score, fit.best_score):
             fit.best_score, fit.best_epoch = score, fit.history[-1]["epoch"]
             fit.best_state = {k: v.detach().clone() for k, v in fit.model.state_dict().items()}

@@ -12,6 +12,8 @@ from fovea.errors import FoveaError
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("onecycle", "cosine", "constant")
 MODES = ("scratch", "features", "finetune", "auto")
+CLASS_WEIGHTS = ("none", "auto")
+SAMPLERS = ("shuffle", "balanced")
 
 
 @dataclass
@@ -20,13 +22,22 @@ class TrainConfig:
     model: str | None = None  # None: cnn, or the architecture of a --weights run folder
     image_size: int | None = None  # None: the model's own size (cnn: 64 on CPU, 96 on GPU; timm: its cfg)
     epochs: int | None = None  # None: chosen from the model, data size and device (see resolve)
-    batch_size: int | None = None  # None: 64 for < 1000 images, else 128 (CPU) / 256 (GPU)
+    batch_size: int | None = None  # None: 64 for < 1000 images (halved down to 8 for < 512), else 128 CPU / 256 GPU
     lr: float | None = None  # None: per optimizer (sgd 0.1 x batch/256... see resolve)
     optimizer: str | None = None  # None: sgd+nesterov for mlp/cnn (best from scratch), adamw otherwise
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw
     schedule: str = "onecycle"  # one-cycle (Smith 2018) trains fastest in a fixed budget
     label_smoothing: float = 0.1  # cheap calibration + regularization on small data
     augment: str | None = None  # None: "standard" (random resized crop + flip)
+    mixup: float | None = None  # mixup Beta(alpha) (Zhang et al. 2018); None: 0.8 with --augment strong, else off
+    cutmix: float | None = None  # cutmix Beta(alpha) (Yun et al. 2019); None: 1.0 with --augment strong, else off
+    l1: float = 0.0  # L1 penalty on weights (not biases/norms), added to the loss: sparse weights
+    class_weights: str = "none"  # auto: loss weighted by n / (classes x n_class), for imbalanced data
+    sampler: str = "shuffle"  # balanced: draw every class equally often (oversampling, with replacement)
+    human_error: float | None = None  # human-level error, for the bias/variance diagnosis (None: taken as 0)
+    group_regex: str | None = None  # group = this regex's first group (or match) on the file name
+    folds: int | None = None  # K-fold cross-validation: K runs on pooled train+val, mean +- spread
+    seeds: int = 1  # train N models (seeds seed..seed+N-1) on one split and ensemble them
     tta: bool = True  # average the prediction of the image and its mirror: +0.5-1 point, 2x eval cost
     dropout: float | None = None  # None: the architecture's default
     pretrained: bool | None = None  # None: timm hub weights for timm architectures, none for ours
@@ -39,7 +50,7 @@ class TrainConfig:
     channels_last: bool | None = None  # None: on for CUDA and for CPU bf16 (oneDNN's fast layout)
     compile: bool = False  # torch.compile: faster on GPU for long runs, but ~1 min of start-up
     patience: int | None = None  # early stopping; None: off for one-cycle (its end is the best part)
-    monitor: str = "val_acc"  # val_acc | val_loss
+    monitor: str = "val_acc"  # val_acc | val_loss: keep the best epoch's weights; last: the final weights
     val_fraction: float = 0.2
     seed: int = 0
     out: str | None = None
@@ -64,8 +75,35 @@ class TrainConfig:
             bad("mode", self.mode, MODES)
         if self.freeze is not None and not 0 <= self.freeze <= 1:
             raise FoveaError(f"--freeze must be a fraction in [0, 1], got {self.freeze}")
-        if self.monitor not in ("val_acc", "val_loss"):
-            bad("monitor", self.monitor, ("val_acc", "val_loss"))
+        if self.class_weights not in CLASS_WEIGHTS:
+            bad("class-weights", self.class_weights, CLASS_WEIGHTS)
+        if self.sampler not in SAMPLERS:
+            bad("sampler", self.sampler, SAMPLERS)
+        for name in ("mixup", "cutmix"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise FoveaError(f"--{name} must be >= 0 (a Beta distribution's alpha; 0 turns it off), got {v}")
+        if self.folds is not None and self.folds < 2:
+            raise FoveaError(f"--folds needs at least 2, got {self.folds}")
+        if self.seeds < 1:
+            raise FoveaError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.folds and self.seeds > 1:
+            raise FoveaError("--folds and --seeds each train several models; use one of them")
+        if self.resume and (self.folds or self.seeds > 1):
+            raise FoveaError("--resume continues one run: give one fold's or seed's folder, e.g. --out OUT/fold-1 --resume")
+        if self.l1 < 0:
+            raise FoveaError(f"--l1 must be >= 0, got {self.l1}")
+        if self.human_error is not None and not 0 <= self.human_error < 1:
+            raise FoveaError(f"--human-error is an error rate in [0, 1), got {self.human_error}")
+        if self.group_regex is not None:
+            import re
+
+            try:
+                re.compile(self.group_regex)
+            except re.error as e:
+                raise FoveaError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from e
+        if self.monitor not in ("val_acc", "val_loss", "last"):
+            bad("monitor", self.monitor, ("val_acc", "val_loss", "last"))
         for name in ("image_size", "epochs", "batch_size"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -105,6 +143,9 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
         why["image_size"] = f"{c.image_size} px: {'model default' if c.image_size == native_size else 'smaller on CPU for speed' if not gpu else 'more detail on GPU'}"
     if c.batch_size is None:
         c.batch_size = 64 if n_train < 1000 else (256 if gpu else 128)
+        # Tiny data sets: at least ~8 steps per epoch (a power of two, >= 8), or a few epochs are a few steps.
+        while c.batch_size > 8 and n_train < 8 * c.batch_size:
+            c.batch_size //= 2
         why["batch_size"] = f"{c.batch_size} for {n_train} training images on {device_type}"
     if c.pretrained is None:
         c.pretrained = source == "timm" and c.weights is None
@@ -130,6 +171,13 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
         c.weight_decay = {"sgd": 5e-4, "rmsprop": 1e-5, "adam": 0.0, "adamw": 0.05}[c.optimizer]
     if c.augment is None:
         c.augment = "standard"
+    strong = c.augment == "strong"
+    if c.mixup is None:
+        c.mixup = 0.8 if strong else 0.0  # timm's defaults
+    if c.cutmix is None:
+        c.cutmix = 1.0 if strong else 0.0
+    if (c.mixup or c.cutmix) and c.batch_size % 2:
+        raise FoveaError(f"mixup/cutmix pair each image with another in the batch: use an even --batch-size, not {c.batch_size}")
     if c.epochs is None:
         # Budget in image-passes: small data needs many epochs; a CPU can afford ~60k passes of the cnn
         # at 64 px in ~4 minutes (docs/benchmarks.md).

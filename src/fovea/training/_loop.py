@@ -11,12 +11,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fovea.artifact import autocast, infer, pick_device, save_artifact
-from fovea.data import Batches, ImageSet, discover, load_images
+from fovea.data import Batches, Dataset, ImageSet, discover, kfold, load_images
 from fovea.errors import FoveaError
 from fovea.models import create_model, default_config, source_of
 from fovea.models._transfer import fold_probe, load_weights, read_weights
@@ -169,9 +170,90 @@ def _default_out(cfg: TrainConfig) -> Path:
 
 
 def train(data: str | Path, **kwargs: Any) -> Path:
-    """Train a model on ``data`` and write a run folder; returns its path. kwargs: TrainConfig fields."""
+    """Train a model on ``data`` and write a run folder; returns its path. kwargs: TrainConfig fields.
+
+    With ``folds=K`` the folder holds K runs (fold-1 ...) and cv.json; with ``seeds=N`` it holds N runs
+    (seed-0 ...) and is itself the ensemble of them (a model artifact averaging their probabilities).
+    """
     cfg = TrainConfig(data=str(data), **kwargs)
     cfg.validate()
+    if cfg.folds or cfg.seeds > 1:
+        out = Path(cfg.out) if cfg.out else _default_out(cfg)
+        if out.exists() and any(out.iterdir()):
+            raise FoveaError(f"{out} already exists and is not empty; choose another --out")
+        ds = discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex)
+        return _cross_validate(cfg, ds, out) if cfg.folds else _train_seeds(cfg, ds, out)
+    return _train(cfg)
+
+
+def _summary(values: list[float | None]) -> dict[str, float | None]:
+    v = np.array([x for x in values if x is not None], dtype=np.float64)
+    if not len(v):
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+CV_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "train_accuracy")
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _cross_validate(cfg: TrainConfig, ds: Dataset, out: Path) -> Path:
+    """K runs, one per fold (train + val pooled, stratified and group-aware); cv.json holds mean +- spread."""
+    folds = kfold(ds, int(cfg.folds or 2), cfg.seed)
+    rows = []
+    for i, fold_ds in enumerate(folds, 1):
+        log.info("fold %d of %d: %d train, %d val images", i, len(folds), len(fold_ds.splits["train"]),
+                 len(fold_ds.splits["val"]))
+        run = _train(dataclasses.replace(cfg, folds=None, out=str(out / f"fold-{i}")), fold_ds)
+        m = json.loads((run / "metrics.json").read_text())
+        rows.append({"fold": i, "run": str(run), "n_train": m["n_train"], "n_val": m["n_val"],
+                     **{k: m.get(k) for k in CV_METRICS}})
+    summary = {k: _summary([r[k] for r in rows]) for k in CV_METRICS}
+    cv = {"folds": rows, "k": len(folds), "summary": summary, "std": "sample standard deviation over folds (ddof=1)",
+          "config": cfg.to_dict()}
+    (out / "cv.json").write_text(json.dumps(cv, indent=2))
+    lines = ["| fold | train | val | accuracy | balanced accuracy | ROC-AUC |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['fold']} | {r['n_train']} | {r['n_val']} | {_fmt(r['accuracy'])} | {_fmt(r['balanced_accuracy'])} | "
+              f"{_fmt(r['roc_auc'])} |" for r in rows]
+    pm = {k: f"{_fmt(summary[k]['mean'])} ± {_fmt(summary[k]['std'])}" for k in CV_METRICS}
+    lines.append(f"| mean ± std | | | {pm['accuracy']} | {pm['balanced_accuracy']} | {pm['roc_auc']} |")
+    (out / "cv.md").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _train_seeds(cfg: TrainConfig, ds: Dataset, out: Path) -> Path:
+    """N runs on one split with seeds seed..seed+N-1, then their ensemble written into ``out``."""
+    from fovea.artifact import load
+    from fovea.ensemble import make_ensemble
+    from fovea.evaluation import classification_metrics
+
+    runs = []
+    for i in range(cfg.seeds):
+        seed = cfg.seed + i
+        log.info("seed %d (%d of %d)", seed, i + 1, cfg.seeds)
+        runs.append(_train(dataclasses.replace(cfg, seeds=1, seed=seed, out=str(out / f"seed-{seed}")), ds))
+    make_ensemble(runs, out, progress=cfg.progress)
+    # The ensemble on the members' own validation split (one split for all: only the seeds differ).
+    ens = load(out, cfg.device)
+    val = load_images(ds.splits["val"], ens.image_size, cache=cfg.cache, progress=False)
+    members = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    metrics: dict[str, Any] = {}
+    if len(val):
+        metrics = classification_metrics(val.labels.numpy(), ens.predict_proba(val.images), ds.classes)
+    metrics.pop("roc_curves", None)
+    metrics.update({"members": [{"run": str(r), **{k: m.get(k) for k in CV_METRICS}} for r, m in zip(runs, members)],
+                    "members_summary": {k: _summary([m.get(k) for m in members]) for k in CV_METRICS},
+                    "n_val": len(val), "n_train": members[0]["n_train"], "skipped": members[0]["skipped"]})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return out
+
+
+def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
+    """One run. ``dataset``: an already split data set (a fold, or the split shared by --seeds runs)."""
     run = Path(cfg.out) if cfg.out else _default_out(cfg)
     if cfg.resume:
         if not has_checkpoint(run):
@@ -199,7 +281,7 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # batch shapes are fixed (drop_last): pick the fastest kernels once
     torch.manual_seed(cfg.seed)
-    ds = discover(cfg.data, cfg.val_fraction, cfg.seed)
+    ds = dataset or discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex)
     source = source_of(cfg.model)
     native = default_config(cfg.model)
     user_lr = cfg.lr
@@ -242,6 +324,7 @@ def train(data: str | Path, **kwargs: Any) -> Path:
         report = load_weights(model, cfg.weights, weights_state)
         log.info("weights: %s", report.summary())
         transfer["weights"] = report.to_dict()
+        transfer["weights_summary"] = report.summary()
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -259,6 +342,13 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     callbacks: list[Callback] = [BestTracker(cfg.monitor, cfg.patience), Checkpointer(),
                                  CSVLogger(run / "history.csv"), ProgressBar(cfg.progress)]
     epochs = int(cfg.epochs or 1)
+    counts = torch.bincount(train_set.labels, minlength=len(ds.classes)).float()
+    # Imbalance: a loss weighted by n / (classes x n_c) (every class weighs the same in total), or a
+    # sampler that draws every class equally often (rare images repeat within an epoch).
+    class_weight = (counts.sum() / (len(counts) * counts.clamp_min(1))).to(device) if cfg.class_weights == "auto" else None
+    sample_weights = (1.0 / counts.clamp_min(1))[train_set.labels] if cfg.sampler == "balanced" else None
+    if class_weight is not None:
+        log.info("class weights: %s", ", ".join(f"{c} {w:.2f}" for c, w in zip(ds.classes, class_weight.tolist())))
     trained: nn.Module = model  # what the optimizer trains: the model, or only its classifier (features mode)
     val_features = None
     lr_fn = None
@@ -279,13 +369,13 @@ def train(data: str | Path, **kwargs: Any) -> Path:
         if user_lr is None:
             cfg.lr = 1e-2  # a linear probe on standardised features takes a larger step than a network
         batches: Any = FeatureBatches(train_feats, train_set.labels, int(cfg.batch_size or 64), device=device,
-                                      generator=generator, mean=mean, std=std)
+                                      generator=generator, mean=mean, std=std, sample_weights=sample_weights)
         opt = make_optimizer(cfg.optimizer, trained, cfg.lr, float(cfg.weight_decay or 0.0))
         transfer["embedding_dim"] = int(train_feats.shape[1])
     else:
         batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), device=device, mean=mean,
                           std=std, augment=str(cfg.augment), shuffle=True, drop_last=True, generator=generator,
-                          channels_last=bool(cfg.channels_last))
+                          channels_last=bool(cfg.channels_last), sample_weights=sample_weights)
         if cfg.mode == "finetune":
             freeze = float(cfg.freeze or 0.0)
             groups, body, frozen_norms = finetune_param_groups(model, freeze, float(cfg.weight_decay or 0.0))
@@ -309,12 +399,28 @@ def train(data: str | Path, **kwargs: Any) -> Path:
     (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     net: Any = torch.compile(trained) if cfg.compile else trained
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mixer = None
+    if (cfg.mixup or cfg.cutmix) and cfg.mode != "features":
+        from timm.data import Mixup
+
+        np.random.seed(cfg.seed)  # timm's Mixup draws lambda from numpy's global generator
+        mixer = Mixup(mixup_alpha=float(cfg.mixup or 0), cutmix_alpha=float(cfg.cutmix or 0), switch_prob=0.5,
+                      label_smoothing=cfg.label_smoothing, num_classes=len(ds.classes))
+    elif cfg.mixup or cfg.cutmix:
+        log.warning("mixup/cutmix mix images; --mode features trains on fixed embeddings, so they are off")
+    l1_params = [p for p in trained.parameters() if p.ndim > 1]
 
     def step_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(device, bool(cfg.amp)):
-            logits = net(x)
-            loss = loss_fn(logits.float(), y)
+            if mixer is not None:
+                x, soft = mixer(x, y)  # soft targets carry the label smoothing
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), soft, weight=class_weight)
+            else:
+                logits = net(x)
+                loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.label_smoothing)
+        if cfg.l1:
+            loss = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params if p.requires_grad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -346,7 +452,7 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
             arch_kwargs: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...], native: dict[str, Any],
             timings: dict[str, float], transfer: dict[str, Any]) -> Path:
     """Final validation metrics, the artifact, metrics.json and report.html."""
-    from fovea.evaluation import classification_metrics, write_report
+    from fovea.evaluation import classification_metrics, diagnose, write_report
 
     cfg, run = fit.cfg, fit.run
     clock = time.perf_counter()
@@ -356,6 +462,13 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
                     "n_train": len(train_set), "n_val": len(val_set), "skipped": len(quarantined)})
     last = fit.history[-1] if fit.history else {}
     metrics["final_train_acc"] = last.get("train_acc")
+    if len(val_set):
+        # Training error for the bias/variance diagnosis: the final weights on the training images, no
+        # augmentation, evaluated exactly like validation.
+        train_logits = infer(fit.model, train_set.images, mean=fit.batches.mean, std=fit.batches.std, device=fit.device,
+                             amp=bool(cfg.amp), tta=cfg.tta, channels_last=bool(cfg.channels_last))
+        metrics["train_accuracy"] = float((train_logits.argmax(1) == train_set.labels).float().mean())
+        metrics["diagnosis"] = diagnose(1 - metrics["train_accuracy"], 1 - metrics["accuracy"], cfg.human_error)
     meta = {
         "architecture": {"name": cfg.model, "kwargs": arch_kwargs},
         "classes": ds.classes,
