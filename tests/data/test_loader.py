@@ -162,7 +162,7 @@ def test_standard_keeps_shape_and_changes_pixels(data: tuple[torch.Tensor, torch
 
 
 def test_every_listed_augmentation_runs(data: tuple[torch.Tensor, torch.Tensor]) -> None:
-    assert set(AUGMENTATIONS) == {"none", "flip", "light", "standard"}
+    assert set(AUGMENTATIONS) == {"none", "flip", "light", "standard", "strong"}
     for policy in AUGMENTATIONS:
         x, y = next(iter(batches(data, 4, augment=policy)))
         assert x.shape == (4, 3, S, S) and len(y) == 4

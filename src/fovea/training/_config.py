@@ -143,8 +143,9 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
         why["image_size"] = f"{c.image_size} px: {'model default' if c.image_size == native_size else 'smaller on CPU for speed' if not gpu else 'more detail on GPU'}"
     if c.batch_size is None:
         c.batch_size = 64 if n_train < 1000 else (256 if gpu else 128)
-        # Tiny data sets: at least ~8 steps per epoch (a power of two, >= 8), or a few epochs are a few steps.
-        while c.batch_size > 8 and n_train < 8 * c.batch_size:
+        # Small data sets (64 per batch): at least ~8 steps per epoch (a power of two, >= 8), or a few epochs
+        # are a few steps. Larger sets keep the batch their recipe was measured with.
+        while c.batch_size <= 64 and c.batch_size > 8 and n_train < 8 * c.batch_size:
             c.batch_size //= 2
         why["batch_size"] = f"{c.batch_size} for {n_train} training images on {device_type}"
     if c.pretrained is None:
