@@ -54,16 +54,10 @@ NOTES = (
 
 
 def count_flops(net: Any, image_size: int) -> int:
-    """FLOPs of one forward pass of ``net`` on one (1, 3, S, S) image, on the CPU, in eval mode."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one forward pass of ``net`` on one (1, 3, S, S) image, in eval mode (``fovea summary``'s total)."""
+    from fovea.models import summarize
 
-    net = net.to("cpu").eval()
-    x = torch.zeros(1, 3, image_size, image_size)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        net(x)
-    return int(counter.get_total_flops())
+    return summarize(net, image_size=image_size).flops
 
 
 def compare(

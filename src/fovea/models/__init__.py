@@ -2,5 +2,6 @@
 
 from fovea.models import _small  # noqa: F401 - registers mlp and cnn
 from fovea.models._registry import create_model, default_config, list_models, register_model, source_of
+from fovea.models._summary import summarize
 
-__all__ = ["create_model", "default_config", "list_models", "register_model", "source_of"]
+__all__ = ["create_model", "default_config", "list_models", "register_model", "source_of", "summarize"]
