@@ -155,6 +155,7 @@ class Model:
         self.image_size = int(pre["image_size"])
         self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
         self.tta = bool(pre.get("tta", False))
+        self.steps = _read_steps(self.path, pre.get("steps"))  # fovea.ops steps; none in older artifacts
         self.net = create_model(arch["name"], len(self.classes), image_size=self.image_size, **arch.get("kwargs", {}))
         try:
             state = load_file(str(self.path / WEIGHTS))
@@ -175,12 +176,31 @@ class Model:
         self.net.to(self.device).eval()
         self.amp = self.device.type == "cuda"
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """This model's --preprocess steps on uint8 (N, 3, S, S) images decoded at its size (a no-op without).
+
+        Applied here, inside the model, and not when decoding: evaluate, ensembles and serving decode images
+        themselves and hand them to ``logits``/``predict_proba``, so every path gets the steps exactly once,
+        on the same resized pixels training applied them to. Code that feeds ``net`` directly calls this.
+        """
+        if not self.steps or len(images) == 0:
+            return images
+        from fovea.ops import preprocess
+
+        arrays = images.permute(0, 2, 3, 1).cpu().numpy()  # (N, S, S, 3)
+        out = np.stack([preprocess(a, self.steps) for a in arrays])
+        return torch.from_numpy(out.transpose(0, 3, 1, 2).copy()).to(images.device)
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for uint8 (N, 3, S, S) images already at this model's size."""
-        return infer(self.net, images, mean=self.mean, std=self.std, device=self.device, amp=self.amp, tta=self.tta)
+        """Logits for uint8 (N, 3, S, S) images already at this model's size (the model applies its steps)."""
+        return infer(self.net, self.prepare(images), mean=self.mean, std=self.std, device=self.device, amp=self.amp,
+                     tta=self.tta)
 
     def load_images(self, sources: Iterable[str | Path | bytes]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
-        """Decode and resize with this model's preprocessing; returns (images, kept indexes, (index, reason))."""
+        """Decode and resize with this model's preprocessing; returns (images, kept indexes, (index, reason)).
+
+        Its --preprocess steps are not applied here but by ``logits`` (see ``prepare``), like every decoder's output.
+        """
         from fovea.data import load_square
 
         arrays, kept, bad = [], [], []
@@ -208,6 +228,19 @@ class Model:
             preds.append(Prediction(str(paths[i]), self.classes[j], float(p[j]),
                                     {c: float(v) for c, v in zip(self.classes, p)}))
         return preds, [(str(paths[i]), r) for i, r in bad]
+
+
+def _read_steps(path: Path, spec: Any) -> list[Any]:
+    """model.json's preprocessing steps as fovea.ops.Step objects; OpenCV is imported only when there are some."""
+    if not spec:
+        return []
+    from fovea.ops import parse_steps
+
+    try:
+        return parse_steps(spec)
+    except (FoveaError, TypeError, AttributeError) as e:
+        raise FoveaError(f"{path / META}: preprocessing steps {spec!r} cannot be applied ({e}); "
+                         "a newer Fovea may have written them: upgrade fovea") from e
 
 
 def load(path: str | Path, device: str = "auto") -> Model | Ensemble:

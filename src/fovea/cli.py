@@ -117,6 +117,7 @@ def models(
     "fovea train scans.csv --class-weights auto --folds 5          # imbalanced, grouped, cross-validated",
     "fovea train scans/ --sampler balanced --group-regex '^(patient\\d+)_'",
     "fovea train data/pets --seeds 5 --out runs/pets-ens           # 5 models and their ensemble",
+    "fovea train data/xrays --preprocess gray,clahe                # classical steps, kept in the model",
 ))
 def train(
     data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
@@ -127,6 +128,7 @@ def train(
     freeze: Annotated[float | None, typer.Option(help="finetune: share of the backbone frozen from the input side (0-1).")] = None,
     head_epochs: Annotated[int | None, typer.Option(help="finetune: epochs training only the new head first (default 1-3).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size in px (default: per model and device).")] = None,
+    preprocess: Annotated[str | None, typer.Option(help="Classical operations applied to every image after the resize, e.g. gray,clahe or gray,clahe:clip=3 (`fovea ops list`); recorded in the model, so predict and serve apply them too.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: from data size and device).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -175,6 +177,7 @@ def train(
         val_fraction=val_fraction, seed=seed, out=str(out) if out else None, resume=resume, cache=cache,
         extra=extra, progress=not quiet, mixup=mixup, cutmix=cutmix, l1=l1, class_weights=class_weights,
         sampler=sampler, group_regex=group_regex, folds=folds, seeds=seeds, human_error=human_error,
+        preprocess=preprocess or (),
     )
     _print_train_result(run)
 
@@ -399,6 +402,239 @@ def lr_find(
                f"  fovea train's own default here: {r.default_lr:.3g}\n"
                f"curve: {r.out / 'lr_find.png'}, {r.out / 'lr_find.csv'}  ({r.seconds:.1f} s)\n"
                f"use it: {r.command()}")
+
+
+@app.command(epilog=_examples(
+    "fovea summary resnet18          # 11,689,512 parameters, 3.63 GFLOPs at 224 px",
+    "fovea summary runs/pets         # a trained model, at its own image size",
+    "fovea summary cnn --image-size 128 --depth 1",
+    "fovea summary inception_v3 --num-classes 2 --json > summary.json",
+))
+def summary(
+    model: Annotated[str, typer.Argument(help="A run folder (model.json + model.safetensors) or an architecture name (`fovea models`).")],
+    image_size: Annotated[int | None, typer.Option(help="Square input size in px (default: the run's, else the architecture's own, e.g. 224 for resnet18).")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes of the head for an architecture name (default 1000 for timm/torchvision, 2 for mlp/cnn).")] = None,
+    depth: Annotated[int | None, typer.Option(help="Show layers down to this nesting depth (0: the model as one row); deeper ones are added to their parent. Totals are always the whole model's.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: layers and totals.")] = False,
+) -> None:
+    """Each layer's output shape, parameters and FLOPs for one image, with the model's totals."""
+    from rich.console import Console
+
+    from fovea.models._summary import rich_table, summarize
+
+    s = summarize(model, image_size=image_size, num_classes=num_classes)
+    s.at_depth(depth)  # a bad --depth fails before anything is printed
+    if as_json:
+        typer.echo(json.dumps(s.to_dict(depth), indent=2))
+        return
+    con = Console() if sys.stdout.isatty() else Console(width=10_000)  # piped: whole lines, nothing folded
+    con.print(rich_table(s, depth))
+    flops = f"{s.flops / 1e9:,.2f} GFLOPs" if s.flops >= 1e9 else f"{s.flops / 1e6:,.1f} MFLOPs"
+    con.print(f"parameters {s.parameters:,} ({s.trainable_parameters:,} trainable, {s.param_bytes / 1e6:,.2f} MB); "
+              f"{flops} per image at {s.image_size}x{s.image_size} px", highlight=False)
+
+
+@app.command("ops", epilog=_examples(
+    "fovea ops list                                   # every operation, its parameters and defaults",
+    "fovea ops gallery cat.jpg --out gallery.png      # all of them on one photo",
+    "fovea ops clahe cat.jpg --param clip=3 --param tile=4 --out clahe.png",
+    "fovea ops otsu cat.jpg --out mask.png",
+    "fovea ops erode mask.png --param size=5 --param shape=ellipse",
+    "fovea ops xor mask.png --mask2 other.png --out xor.png",
+    "fovea ops conv cat.jpg --param kernel=vertical   # the course's edge kernels: horizontal, vertical, diagonal",
+    "fovea ops conv cat.jpg --param 'kernel=1,0,-1;2,0,-2;1,0,-1'",
+    "fovea ops contours coins.png --param min_area=50 # prints the count and every area",
+    "fovea ops hough road.jpg --param min_length=60   # prints the segments found",
+    "fovea ops gray,clahe:clip=3 cat.jpg              # preview a --preprocess chain",
+))
+def ops_command(
+    op: Annotated[str, typer.Argument(help="An operation (`fovea ops list`), `list`, `gallery`, or a chain of steps such as gray,clahe:clip=3 (what `fovea train --preprocess` applies).")],
+    image: Annotated[Path | None, typer.Argument(help="The image: any file training reads (EXIF orientation, transparency and 16-bit handled alike).")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter KEY=VALUE of the operation, repeatable.")] = None,
+    mask2: Annotated[Path | None, typer.Option(help="and / or / xor: the second mask, the size of IMAGE (gray >= 128 is on).")] = None,
+    out: Annotated[Path | None, typer.Option(help="The PNG to write (default: IMAGE's name + -OP.png in the current folder).")] = None,
+    size: Annotated[int, typer.Option(help="gallery: shrink the photo (never enlarge) to at most this many px on its longer side.")] = 320,
+) -> None:
+    """Classical image operations (OpenCV): colour spaces, contrast, thresholds, masks, morphology, edges, contours, lines, convolution."""
+    import time
+
+    from fovea import ops
+    from fovea.data import read_image
+    from fovea.errors import ImageError
+
+    def read(path: Path) -> Any:
+        try:
+            return read_image(path)
+        except ImageError as e:
+            raise FoveaError(f"{path}: {e.reason}") from e
+
+    if op == "list":
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table("operation", "kind", "parameters (defaults)", "what it does", "step")
+        for o in ops.list_ops():
+            t.add_row(o.name, o.kind, o.signature(), o.help, "yes" if o.preprocess else "")
+        (Console() if sys.stdout.isatty() else Console(width=200)).print(t)
+        typer.echo("step: usable in `fovea train --preprocess` (steps run after the resize; a gray result gets 3 equal channels)")
+        return
+    if image is None:
+        raise FoveaError(f"give an image: fovea ops {op} IMAGE (see fovea ops --help)")
+    params: dict[str, str] = {}
+    for item in param or []:
+        if "=" not in item:
+            raise FoveaError(f"--param expects KEY=VALUE (e.g. clip=3), got {item!r}")
+        key, value = item.split("=", 1)
+        params[key.strip()] = value
+    # a misspelt operation is reported before the image is read
+    if "," in op or ":" in op:
+        ops.parse_steps(op)
+    elif op != "gallery":
+        ops.get_op(op)
+    rgb = read(image)
+    name = op.replace(",", "+").replace(":", "_").replace("=", "")
+    target = out or Path(f"{image.stem}-{name}.png")
+    if target.suffix.lower() != ".png":
+        raise FoveaError(f"--out is written as PNG (lossless, so masks stay 0/255): use a .png name, not {target.name!r}")
+    start = time.perf_counter()
+    if op == "gallery":
+        if params or mask2:
+            raise FoveaError("gallery shows every operation with its defaults; it takes no --param or --mask2")
+        g = ops.gallery(rgb, target, size=size)
+        typer.echo(f"wrote {g.path}: {g.tiles} tiles, {g.width}x{g.height} px, the operations run on the photo at "
+                   f"{g.image_size[0]}x{g.image_size[1]} px ({time.perf_counter() - start:.2f} s)")
+        return
+    if "," in op or ":" in op:  # a chain of steps, as --preprocess would apply them
+        if params or mask2:
+            raise FoveaError("a chain takes its parameters inline (gray,clahe:clip=3:tile=4), not --param or --mask2")
+        result = ops.preprocess(rgb, ops.parse_steps(op))
+    else:
+        spec = ops.get_op(op)
+        if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+            rgb = rgb[..., 0]  # a gray file (a mask, say) stays gray: mask in, mask out
+        if spec.name == "contours":
+            found = ops.find_contours(rgb, **spec.check_params(params))
+            result = found.image
+            shown = ", ".join(f"{a:g}" for a in found.areas[:20]) + (f" ... and {found.count - 20} more" if found.count > 20 else "")
+            typer.echo(f"{found.count} contours (threshold {found.level}); areas in px^2, largest first: {shown or 'none'}")
+        elif spec.name == "hough":
+            lines = ops.find_lines(rgb, **spec.check_params(params))
+            result = lines.image
+            typer.echo(f"{len(lines.lines)} line segments, longest first:")
+            for x1, y1, x2, y2 in lines.lines[:20]:
+                typer.echo(f"  ({x1}, {y1}) - ({x2}, {y2})  {((x2 - x1) ** 2 + (y2 - y1) ** 2) ** 0.5:.1f} px")
+            if len(lines.lines) > 20:
+                typer.echo(f"  ... and {len(lines.lines) - 20} more")
+        else:
+            result = ops.apply(spec.name, rgb, read(mask2) if mask2 else None, **params)
+    seconds = time.perf_counter() - start
+    from PIL import Image
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(result).save(target, format="PNG")
+    kind = "gray" if result.ndim == 2 else "RGB"
+    typer.echo(f"wrote {target} ({result.shape[1]}x{result.shape[0]} {kind}, {seconds * 1000:.1f} ms)")
+
+
+@app.command("explain", epilog=_examples(
+    "fovea explain runs/pets cat.jpg dog.jpg                 # Grad-CAM of the predicted class: runs/pets/explain/*.png",
+    "fovea explain runs/pets photos/ --method gradcam++ --target dog --out heatmaps/",
+    "fovea explain runs/pets photos/ --check                 # randomization sanity check; exit 1 if the maps fail it",
+    "fovea explain runs/pets cat.jpg --layer stages.1 --device cuda --json",
+))
+def explain_command(
+    run: Annotated[Path, typer.Argument(help="A run folder (model.safetensors + model.json).")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    method: Annotated[str, typer.Option(help="gradcam | gradcam++ | cam | scorecam | eigencam | layercam")] = "gradcam",
+    target: Annotated[str | None, typer.Option(help="Class to explain in every image (default: each image's predicted class).")] = None,
+    layer: Annotated[str | None, typer.Option(help="Module to take the map at, e.g. stages.1 (default: the last spatial feature map).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the overlay PNGs (default RUN/explain).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward/backward pass.")] = 32,
+    check: Annotated[bool, typer.Option("--check", help="Also run the model-parameter randomization test (Adebayo et al. 2018); exit 1 if the maps fail it.")] = False,
+    check_images: Annotated[int, typer.Option(help="--check uses the first N images.")] = 16,
+    threshold: Annotated[float, typer.Option(help="--check passes if mean |Spearman| with the trained maps is below this at the cascade's midpoint.")] = 0.5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Heatmaps of where the model looks, laid over each image as a PNG; --check tests them against randomized weights."""
+    from PIL import Image
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from fovea.artifact import load
+    from fovea.explain import METHODS, explain, overlay, sanity_check
+    from fovea.explain._cam import single_model
+    from fovea.explain._overlay import display_image
+
+    if method not in METHODS:
+        raise FoveaError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    if batch_size < 1 or check_images < 1:
+        raise FoveaError("--batch-size and --check-images must be at least 1")
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FoveaError(f"{p} does not exist")
+    model = single_model(load(run, device))
+    x, kept, bad = model.load_images(files)
+    if not kept:
+        raise FoveaError(f"none of the {len(files)} files could be read as an image")
+    e = explain(model, x, method=method, target=target, layer=layer, batch_size=batch_size)
+    folder = out or run / "explain"
+    folder.mkdir(parents=True, exist_ok=True)
+    # Overlays on the square the model saw, decoded again at 224 px or more so that they are readable.
+    size = max(model.image_size, 224)
+    rows: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for j, i in enumerate(kept):
+        name = f"{files[i].stem}.{method}.png"
+        for k in range(1, len(kept) + 1):
+            if name not in names:
+                break
+            name = f"{files[i].stem}-{k}.{method}.png"
+        names.add(name)
+        Image.fromarray(overlay(display_image(files[i], x[j], size), e.maps[j])).save(folder / name)
+        c = int(e.predicted[j])
+        rows.append({"path": str(files[i]), "predicted": model.classes[c], "probability": float(e.probabilities[j, c]),
+                     "explained": model.classes[e.targets[j]], "file": str(folder / name)})
+    result = None
+    if check:
+        result = sanity_check(model, x[:check_images], method, target=target, layer=layer, threshold=threshold,
+                              batch_size=batch_size)
+    if as_json:
+        doc: dict[str, Any] = {"method": method, "layer": e.layer, "images": rows,
+                               "skipped": [{"path": str(files[i]), "reason": r} for i, r in bad]}
+        if result is not None:
+            doc["check"] = result.to_dict()
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        con = Console() if sys.stdout.isatty() else Console(width=10_000)  # piped: whole paths, nothing folded
+        t = Table("image", "predicted", "explained", "file", title=f"{method} at layer {escape(e.layer)}")
+        for r in rows:
+            t.add_row(escape(r["path"]), f"{escape(r['predicted'])} {r['probability']:.3f}", escape(r["explained"]),
+                      escape(r["file"]))
+        con.print(t)
+        for i, reason in bad:
+            con.print(f"[yellow]skipped[/] {escape(str(files[i]))}: {escape(reason)}", highlight=False)
+        if result is not None:
+            st = Table("step", "randomized (cumulative, from the output)", "mean |Spearman|", "mean SSIM",
+                      title=f"randomization check on {result.n_images} images")
+            for k, s in enumerate(result.steps):
+                mark = "  <- verdict" if k == result.midpoint else ""
+                st.add_row(str(k + 1), escape(s.randomized), f"{s.spearman:.3f}{mark}", f"{s.ssim:.3f}")
+            con.print(st)
+            d = result.decisive
+            verdict = ("PASSES: its maps change when the model's weights do" if result.passed else
+                       "FAILS: its maps barely change when the model's weights are destroyed, so they do not explain the model")
+            con.print(f"{method} {verdict} (mean |Spearman| {d.spearman:.3f} at step {result.midpoint + 1} of "
+                      f"{len(result.steps)}, threshold {result.threshold}; {result.steps[-1].spearman:.3f} with every "
+                      f"layer randomized; {result.seconds:.1f} s)", highlight=False)
+    if result is not None and not result.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from fovea.errors import ImageError
+
+if TYPE_CHECKING:
+    from fovea.ops import Step
 
 MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -151,6 +156,18 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)))
 
 
-def load_square(source: str | Path | bytes, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """read_image + resize_square, decoding JPEGs at reduced size when that is exact enough."""
-    return resize_square(read_image(source, max_pixels, draft_size=size * 2), size)
+def load_square(source: str | Path | bytes, size: int, max_pixels: int = MAX_PIXELS,
+                steps: Sequence[Step] = ()) -> np.ndarray:
+    """read_image + resize_square, decoding JPEGs at reduced size when that is exact enough.
+
+    ``steps`` (classical operations from ``fovea.ops``, e.g. gray then CLAHE) run after the resize, on
+    the size x size image: a model artifact is applied to images already decoded at its size (evaluate,
+    ensembles, serving), so only this order gives the same pixels in training and after it; and the cost
+    stays bounded (gray + CLAHE: 0.05 ms at 64 px, 55 ms on a 12 MP photo).
+    """
+    square = resize_square(read_image(source, max_pixels, draft_size=size * 2), size)
+    if not steps:
+        return square
+    from fovea.ops import preprocess
+
+    return preprocess(square, list(steps))

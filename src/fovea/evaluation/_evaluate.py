@@ -35,6 +35,11 @@ def evaluate(run: str | Path, data: str | Path, *, device: str = "auto", report:
         raise FoveaError(f"{run} has no recorded training error (trained by an older Fovea, or an ensemble); "
                          "the diagnosis needs it")
     if report is not None:
+        from fovea.explain import looks_at
+
+        prepared = model.prepare(images.images) if hasattr(model, "prepare") else images.images  # --preprocess
+        looks = looks_at(getattr(model, "net", None), prepared, images.labels.numpy(), probs, model.classes,
+                         images.paths, mean=getattr(model, "mean", ()), std=getattr(model, "std", ()))
         write_report(report, title=f"Evaluation of {Path(run).name} on {Path(data).name}", meta=model.meta,
-                     metrics=m, quarantined=skipped)
+                     metrics=m, quarantined=skipped, explanations=looks)
     return m

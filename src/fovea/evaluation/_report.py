@@ -111,8 +111,44 @@ def _transfer_html(t: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _looks_at_html(section: dict[str, Any]) -> str:
+    """"What the model looks at": heatmap overlays from ``fovea.explain.looks_at``, embedded as PNG."""
+    from PIL import Image
+
+    head = "<h2>What the model looks at</h2>"
+    if "absent" in section:
+        return head + f"<p>No heatmaps for this model: {html.escape(section['absent'])}.</p>"
+
+    def figures(items: list[dict[str, Any]]) -> str:
+        out = []
+        for it in items:
+            buf = io.BytesIO()
+            Image.fromarray(it["overlay"]).save(buf, format="PNG")
+            src = base64.b64encode(buf.getvalue()).decode()
+            cap = (f"true: {html.escape(it['true'])}<br>predicted: {html.escape(it['predicted'])} {it['probability']:.2f}"
+                   + (f"<br><small>{html.escape(Path(it['path']).name)}</small>" if it.get("path") else ""))
+            out.append(f"<figure><img alt='' src='data:image/png;base64,{src}'><figcaption>{cap}</figcaption></figure>")
+        return "<div class='cams'>" + "".join(out) + "</div>"
+
+    parts = [head, "<style>.cams{display:flex;flex-wrap:wrap;gap:.8em}.cams figure{margin:0;width:160px}"
+             ".cams figcaption{font-size:.85em}</style>",
+             f"<p>{'Grad-CAM (Selvaraju et al. 2017)' if section['method'] == 'gradcam' else html.escape(section['method'])}"
+             f" heatmaps of the predicted class at layer <code>{html.escape(str(section['layer']))}</code>, the last "
+             "spatial feature map: red is where the decision draws most on; computed in "
+             f"{section.get('seconds', 0):.1f} s. <code>fovea explain RUN IMAGE --check</code> explains any image "
+             "and tests the maps against randomized weights.</p>"]
+    if section["correct"]:
+        parts.append("<h3>Correctly classified (a sample)</h3>" + figures(section["correct"]))
+    if section["wrong"]:
+        parts.append("<h3>Most confidently wrong (highest loss)</h3>" + figures(section["wrong"]))
+    else:
+        parts.append("<p>No validation image was misclassified.</p>")
+    return "".join(parts)
+
+
 def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, metrics: dict[str, Any],
-                 history: list[dict[str, Any]] | None = None, quarantined: list[dict[str, str]] | None = None) -> Path:
+                 history: list[dict[str, Any]] | None = None, quarantined: list[dict[str, str]] | None = None,
+                 explanations: dict[str, Any] | None = None) -> Path:
     """Write report.html; every plot is embedded, so the file can be mailed or archived alone."""
     import matplotlib
 
@@ -140,6 +176,8 @@ def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, m
         parts.append("<h2>Per class</h2>" + _table(rows, ["class", "precision", "recall", "F1", "support"]))
     if metrics.get("roc_curves"):
         parts.append(f"<h2>ROC curves</h2><p>ROC-AUC: {_fmt(metrics.get('roc_auc'))}</p>" + roc_plot(metrics["roc_curves"]))
+    if explanations is not None:
+        parts.append(_looks_at_html(explanations))
     q = quarantined or []
     parts.append(f"<h2>Files not used ({len(q)})</h2>")
     if q:

@@ -21,6 +21,9 @@ class TrainConfig:
     data: str
     model: str | None = None  # None: cnn, or the architecture of a --weights run folder
     image_size: int | None = None  # None: the model's own size (cnn: 64 on CPU, 96 on GPU; timm: its cfg)
+    # fovea.ops steps after the resize, e.g. "gray,clahe" (a string or a list); recorded in model.json, so
+    # predict, evaluate and serve apply them from the artifact alone. Empty: none.
+    preprocess: str | tuple[str, ...] = ()
     epochs: int | None = None  # None: chosen from the model, data size and device (see resolve)
     batch_size: int | None = None  # None: 64 for < 1000 images (halved down to 8 for < 512), else 128 CPU / 256 GPU
     lr: float | None = None  # None: per optimizer (sgd 0.1 x batch/256... see resolve)
@@ -102,6 +105,13 @@ class TrainConfig:
                 re.compile(self.group_regex)
             except re.error as e:
                 raise FoveaError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from e
+        if self.preprocess:
+            from fovea.ops import parse_steps
+
+            try:
+                parse_steps(self.preprocess)
+            except FoveaError as e:
+                raise FoveaError(f"--preprocess {self.preprocess!r}: {e}") from e
         if self.monitor not in ("val_acc", "val_loss", "last"):
             bad("monitor", self.monitor, ("val_acc", "val_loss", "last"))
         for name in ("image_size", "epochs", "batch_size"):

@@ -164,6 +164,15 @@ def _follow_weights_run(cfg: TrainConfig, meta: dict[str, Any] | None) -> TrainC
                                image_size=cfg.image_size or int(meta["preprocessing"]["image_size"]))
 
 
+def _steps(cfg: TrainConfig) -> list[Any]:
+    """The --preprocess steps (fovea.ops.Step); OpenCV is imported only when there are some."""
+    if not cfg.preprocess:
+        return []
+    from fovea.ops import parse_steps
+
+    return parse_steps(cfg.preprocess)
+
+
 def _default_out(cfg: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{Path(cfg.data).stem}-{cfg.model or Path(str(cfg.weights)).name}-{stamp}"
@@ -291,13 +300,14 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
         for k, v in why.items():
             log.info("%s: %s", k, v)
     size = int(cfg.image_size or 64)
+    steps = _steps(cfg)
     timings["setup"] = time.perf_counter() - clock
     clock = time.perf_counter()
     # val first, so the larger train entry is the one written to the disk cache while training runs.
     val_set = load_images(ds.splits["val"], size, cache=cfg.cache, progress=cfg.progress, description="decoding val",
-                          write_behind=True)
+                          write_behind=True, preprocess=steps)
     train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress, description="decoding train",
-                            write_behind=True)
+                            write_behind=True, preprocess=steps)
     quarantined = [{"path": p, "reason": r, "split": s}
                    for s, st in (("train", train_set), ("val", val_set)) for p, r in st.quarantined]
     quarantined += [{"path": p, "reason": r, "split": "csv"} for p, r in ds.missing]
@@ -453,6 +463,7 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
             timings: dict[str, float], transfer: dict[str, Any]) -> Path:
     """Final validation metrics, the artifact, metrics.json and report.html."""
     from fovea.evaluation import classification_metrics, diagnose, write_report
+    from fovea.explain import looks_at
 
     cfg, run = fit.cfg, fit.run
     clock = time.perf_counter()
@@ -474,7 +485,8 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
         "classes": ds.classes,
         "preprocessing": {"image_size": int(cfg.image_size or 64), "resize": "shorter side, then centre crop",
                           "mean": list(mean), "std": list(std), "interpolation": "bilinear",
-                          "alpha": "composited on white", "tta": cfg.tta, "color": "RGB"},
+                          "alpha": "composited on white", "tta": cfg.tta, "color": "RGB",
+                          "steps": [s.to_dict() for s in _steps(cfg)]},  # fovea.ops, after the resize
         "training": cfg.to_dict(),
         "transfer": transfer,
         "metrics": {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "roc_curves", "per_class")},
@@ -482,8 +494,10 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
                  "counts": ds.counts(), "quarantined": len(quarantined)},
     }
     save_artifact(run, fit.model, meta)
+    looks = looks_at(fit.model, val_set.images, val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes,
+                     val_set.paths, mean=mean, std=std) if len(val_set) else None
     write_report(run / "report.html", title=f"{cfg.model} on {Path(cfg.data).name}", meta=meta, metrics=metrics,
-                 history=fit.history, quarantined=quarantined)
+                 history=fit.history, quarantined=quarantined, explanations=looks)
     timings["finish"] = time.perf_counter() - clock
     metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
     log.info("seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -1,0 +1,13 @@
+"""Explain: where in the image a model's decision comes from, and whether the explanation is about the model.
+
+``explain`` computes class activation maps (Grad-CAM and relatives) at the last spatial feature map,
+``overlay`` lays one over its image, ``sanity_check`` runs the model-parameter randomization test
+(Adebayo et al. 2018), and ``looks_at`` picks the report's examples.
+"""
+
+from fovea.explain._cam import METHODS, Explanation, explain, find_target_layer
+from fovea.explain._overlay import looks_at, overlay
+from fovea.explain._sanity import SanityResult, sanity_check
+
+__all__ = ["METHODS", "Explanation", "SanityResult", "explain", "find_target_layer", "looks_at", "overlay",
+           "sanity_check"]
