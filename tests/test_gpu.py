@@ -72,3 +72,18 @@ def test_checkpoint_copy_of_gpu_tensors_is_exact() -> None:
     for k, v in tensors.items():
         assert host[k].device.type == "cpu" and host[k].dtype == v.dtype and host[k].shape == v.shape, k
         assert torch.equal(host[k], v.cpu()), k
+
+
+def test_explain_runs_on_the_gpu_and_agrees_with_the_cpu(tiny_pets: Path, tmp_path: Path) -> None:
+    from fovea.explain import explain
+
+    run = fovea.train(tiny_pets, model="cnn", image_size=32, epochs=2, out=str(tmp_path / "run"), progress=False)
+    files = sorted((tiny_pets / "val" / "dog").glob("*.jpg"))[:4]
+    maps = {}
+    for dev in ("cuda", "cpu"):
+        model = fovea.load(run, device=dev)
+        images, _, _ = model.load_images(files)
+        assert next(model.net.parameters()).device.type == dev
+        maps[dev] = explain(model, images).maps
+    assert maps["cuda"].shape == maps["cpu"].shape == (4, 32, 32)
+    assert abs(maps["cuda"] - maps["cpu"]).max() < 0.05  # float32 on both; kernels differ slightly
