@@ -60,8 +60,12 @@ def infer(
     tta: bool = False,
     batch_size: int = 256,
     channels_last: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Logits (N, C) float32 on CPU for uint8 images (N, 3, S, S); ``tta`` averages with the mirror image."""
+    """Logits (N, C) float32 on CPU for uint8 images (N, 3, S, S); ``tta`` averages with the mirror image.
+
+    ``dtype`` is the network's own (an fp16/bf16 artifact's); the input is cast to it, without autocast.
+    """
     from fovea.data._loader import _affine_norm, normalize
 
     was_training = net.training
@@ -72,6 +76,7 @@ def infer(
         x = normalize(images[i : i + batch_size].to(device, non_blocking=True), tuple(mean), tuple(std), coef)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        x = x.to(dtype)
         with autocast(device, amp):
             logits = net(x).float()
             if tta:
@@ -137,44 +142,27 @@ class Prediction:
                 "probabilities": self.probabilities}
 
 
-class Model:
-    """A loaded model artifact: ``fovea.load(run).predict(images)``."""
+class Predictor:
+    """What every loaded artifact shares: classes, input size, --preprocess steps, TTA, decoding, predict.
+
+    Subclasses run the network: ``Model`` (PyTorch weights, including fp16/bf16 and int8-weight artifacts),
+    and in ``fovea.compress`` the ONNX Runtime and torch.export artifacts. They implement ``forward``.
+    """
 
     def __init__(self, path: str | Path, device: str = "auto") -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from fovea.models import create_model
-
         self.path = Path(path)
         self.meta = read_meta(self.path)
         self.device = pick_device(device)
-        arch = self.meta["architecture"]
         self.classes: list[str] = list(self.meta["classes"])
         pre = self.meta["preprocessing"]
         self.image_size = int(pre["image_size"])
         self.mean, self.std = tuple(pre["mean"]), tuple(pre["std"])
         self.tta = bool(pre.get("tta", False))
         self.steps = _read_steps(self.path, pre.get("steps"))  # fovea.ops steps; none in older artifacts
-        self.net = create_model(arch["name"], len(self.classes), image_size=self.image_size, **arch.get("kwargs", {}))
-        try:
-            state = load_file(str(self.path / WEIGHTS))
-        except (OSError, SafetensorError) as e:
-            raise FoveaError(f"cannot read weights {self.path / WEIGHTS}: {e}") from e
-        expected = self.net.state_dict()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            raise FoveaError(
-                f"{self.path / WEIGHTS} does not match architecture {arch['name']} with {len(self.classes)} classes: "
-                f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})"
-            )
-        self.net.load_state_dict(state)
-        self.net.to(self.device).eval()
-        self.amp = self.device.type == "cuda"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 logits (N, C) on the CPU for uint8 (N, 3, S, S) images: the network alone (no steps, no TTA)."""
+        raise NotImplementedError
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """This model's --preprocess steps on uint8 (N, 3, S, S) images decoded at its size (a no-op without).
@@ -192,9 +180,15 @@ class Model:
         return torch.from_numpy(out.transpose(0, 3, 1, 2).copy()).to(images.device)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for uint8 (N, 3, S, S) images already at this model's size (the model applies its steps)."""
-        return infer(self.net, self.prepare(images), mean=self.mean, std=self.std, device=self.device, amp=self.amp,
-                     tta=self.tta)
+        """Logits for uint8 (N, 3, S, S) images already at this model's size (the model applies its steps).
+
+        With test-time augmentation recorded in the artifact, the mean of the log-probabilities of the image
+        and its mirror (the same as training's final evaluation).
+        """
+        x = self.prepare(images)
+        if not self.tta:
+            return self.forward(x)
+        return (self.forward(x).log_softmax(1) + self.forward(x.flip(3)).log_softmax(1)) / 2
 
     def load_images(self, sources: Iterable[str | Path | bytes]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
         """Decode and resize with this model's preprocessing; returns (images, kept indexes, (index, reason)).
@@ -230,6 +224,52 @@ class Model:
         return preds, [(str(paths[i]), r) for i, r in bad]
 
 
+class Model(Predictor):
+    """A loaded model artifact with PyTorch weights: ``fovea.load(run).predict(images)``.
+
+    Compressed weight files load here too (``fovea compress``): fp16/bf16 weights run in their own dtype where
+    the hardware does it natively (any CUDA GPU; a CPU with AVX512-BF16/AMX for bf16, AVX512-FP16/AMX-FP16 for
+    fp16) and in float32 elsewhere; int8 weights are dequantized to float32 once, at load.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from fovea.models import create_model
+
+        super().__init__(path, device)
+        arch = self.meta["architecture"]
+        self.net = create_model(arch["name"], len(self.classes), image_size=self.image_size, **arch.get("kwargs", {}))
+        try:
+            state = load_file(str(self.path / WEIGHTS))
+        except (OSError, SafetensorError) as e:
+            raise FoveaError(f"cannot read weights {self.path / WEIGHTS}: {e}") from e
+        self.dtype = torch.float32  # the dtype the network computes in
+        compression = self.meta.get("compression")
+        if compression:
+            from fovea.compress import decode_state
+
+            state, self.dtype = decode_state(state, compression, self.device, where=self.path / WEIGHTS)
+        expected = self.net.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise FoveaError(
+                f"{self.path / WEIGHTS} does not match architecture {arch['name']} with {len(self.classes)} classes: "
+                f"{len(missing)} missing tensors (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})"
+            )
+        self.net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        self.net.to(self.device, self.dtype).eval()
+        self.amp = self.device.type == "cuda" and self.dtype == torch.float32
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return infer(self.net, images, mean=self.mean, std=self.std, device=self.device, amp=self.amp, dtype=self.dtype)
+
+
 def _read_steps(path: Path, spec: Any) -> list[Any]:
     """model.json's preprocessing steps as fovea.ops.Step objects; OpenCV is imported only when there are some."""
     if not spec:
@@ -243,14 +283,30 @@ def _read_steps(path: Path, spec: Any) -> list[Any]:
                          "a newer Fovea may have written them: upgrade fovea") from e
 
 
-def load(path: str | Path, device: str = "auto") -> Model | Ensemble:
+def load_single(path: str | Path, device: str = "auto") -> Predictor:
+    """``load`` for code that needs one network (an ensemble is refused with a clear error)."""
+    model = load(path, device)
+    if not isinstance(model, Predictor):
+        raise FoveaError(f"{path} is an ensemble of several models; give one model (its members are in {path}/members)")
+    return model
+
+
+def load(path: str | Path, device: str = "auto") -> Predictor | Ensemble:
     """Load a model artifact (a run folder or any folder with model.safetensors + model.json).
 
     A folder whose model.json has an "ensemble" entry holds no weights of its own: it loads as an
-    ``Ensemble`` of the model folders it lists, with the same interface as ``Model``.
+    ``Ensemble`` of the model folders it lists, with the same interface as ``Model``. A compressed artifact
+    (``fovea compress``) loads by the runtime its model.json names: PyTorch weights (fp16, bf16, int8 weights)
+    as a ``Model``, an ONNX file in ONNX Runtime, a torch.export program in PyTorch.
     """
-    if "ensemble" in read_meta(path):
+    meta = read_meta(path)
+    if "ensemble" in meta:
         from fovea.ensemble import Ensemble
 
         return Ensemble(path, device)
+    runtime = (meta.get("compression") or {}).get("runtime", "torch")
+    if runtime != "torch":
+        from fovea.compress import load_runtime
+
+        return load_runtime(path, runtime, device)
     return Model(path, device)

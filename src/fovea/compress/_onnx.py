@@ -1,0 +1,168 @@
+"""ONNX export, ONNX Runtime static int8 quantization, and the ONNX Runtime model artifact.
+
+The exported graph takes what Fovea's decoder gives, uint8 images (N, 3, S, S) at the model's size, and
+normalizes them itself, so a Triton or ONNX Runtime user needs no Fovea code: decode, resize the shorter
+side and centre-crop to S, send the bytes. The batch dimension is dynamic. ``--preprocess`` steps (OpenCV)
+are not in the graph; model.json lists them and Fovea's loader applies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fovea.artifact import Predictor
+from fovea.errors import FoveaError
+
+log = logging.getLogger("fovea.compress")
+
+INPUT, OUTPUT = "images", "logits"
+ONNX_FILE = "model.onnx"
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+
+
+class Normalized(nn.Module):
+    """uint8 images in, logits out: the network with Fovea's normalization in front (for export)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("scale", (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(1, -1, 1, 1))
+        self.register_buffer("shift", (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images.float() * self.scale - self.shift)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter and the quantizer print progress and warnings meant for their developers."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch.onnx").level
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch.onnx").setLevel(level)
+
+
+def export_onnx(net: nn.Module, mean: Sequence[float], std: Sequence[float], image_size: int, path: Path) -> Path:
+    """Write ``path`` (one self-contained file, weights inside) with a dynamic batch dimension.
+
+    The torch.export-based exporter (PyTorch's current one) with its graph optimizations; opset 18.
+    """
+    wrapped = Normalized(net.float().cpu().eval(), mean, std).eval()
+    example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(wrapped, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False,
+                              optimize=True, verbose=False)
+    except Exception as e:  # the exporter raises many types; the user needs to know which layer failed
+        raise FoveaError(f"ONNX export failed: {str(e).splitlines()[0][:400]}") from e
+    return path
+
+
+def session(path: str | Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, ...) are not importable
+        raise FoveaError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
+
+
+def run_session(sess: Any, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    x = images.cpu().numpy()
+    out = [sess.run([OUTPUT], {INPUT: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return torch.from_numpy(np.concatenate(out).astype(np.float32, copy=False))
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over uint8 images, a few at a time."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int = 16) -> None:
+        x = images.cpu().numpy()
+        self._batches = iter([{INPUT: x[i : i + batch_size]} for i in range(0, len(x), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # not needed: quantize_static reads once per calibration
+        pass
+
+
+def count_ops(path: str | Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def quantize_ort(fp32: Path, out: Path, calibration: torch.Tensor, method: str, *, work: Path) -> dict[str, Any]:
+    """Static int8 (QDQ, per-channel int8 weights, uint8 activations) calibrated on ``calibration`` images.
+
+    BatchNorm is folded into the convs before them, so the folded weights, not the raw ones, are quantized
+    (one rounding instead of two): the exporter's optimizer already folds it in eval mode, and
+    ``quant_pre_process`` (ONNX Runtime's graph optimizer) would fold any left. Returns what happened: the
+    BatchNormalization node counts before and after, and how many tensors are quantized.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATIONS:
+        raise FoveaError(f"unknown calibration {method!r}; choose from {', '.join(CALIBRATIONS)}")
+    pre = work / "preprocessed.onnx"
+    with _quiet():
+        if not pre.exists():
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+        quantize_static(str(pre), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                        extra_options={"CalibMovingAverage": False})
+    before, after = count_ops(fp32), count_ops(out)
+    return {"calibration": method, "calibration_images": len(calibration), "format": "QDQ",
+            "weights": "int8 per channel", "activations": "uint8 per tensor",
+            "batchnorm_before": before.get("BatchNormalization", 0), "batchnorm_after": after.get("BatchNormalization", 0),
+            "quantized_nodes": after.get("QuantizeLinear", 0)}
+
+
+class OnnxModel(Predictor):
+    """An ONNX artifact (model.onnx + model.json) run by ONNX Runtime, with ``Model``'s interface."""
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        super().__init__(path, device)
+        file = self.path / ONNX_FILE
+        if not file.exists():
+            raise FoveaError(f"{self.path} says its runtime is ONNX Runtime but has no {ONNX_FILE}")
+        self.session = session(file)
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs != [INPUT]:
+            raise FoveaError(f"{file} takes inputs {inputs}; a Fovea ONNX model takes one, {INPUT!r}")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return run_session(self.session, images)
