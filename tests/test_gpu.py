@@ -87,3 +87,16 @@ def test_explain_runs_on_the_gpu_and_agrees_with_the_cpu(tiny_pets: Path, tmp_pa
         maps[dev] = explain(model, images).maps
     assert maps["cuda"].shape == maps["cpu"].shape == (4, 32, 32)
     assert abs(maps["cuda"] - maps["cpu"]).max() < 0.05  # float32 on both; kernels differ slightly
+
+
+def test_compress_adds_gpu_rows_with_native_half_precision(tiny_pets: Path, tmp_path: Path) -> None:
+    from fovea.compress import compress
+
+    run = fovea.train(tiny_pets, model="cnn", image_size=32, epochs=2, out=str(tmp_path / "run"), progress=False)
+    r = compress(run, methods=["fp16", "bf16"], seconds=0.3, rounds=1, gradcam_images=0, progress=False)
+    gpu = {x["method"]: x for x in r["rows"] if x["device"] == "cuda"}
+    assert set(gpu) == {"fp32", "fp16", "bf16"}
+    assert gpu["fp16"]["native"] and gpu["bf16"]["native"]
+    assert all(x["throughput"] > 0 and x["agreement"] >= 0.9 for x in gpu.values())
+    model = fovea.load(run / "compressed" / "bf16", "cuda")
+    assert next(model.net.parameters()).dtype == torch.bfloat16  # computed in bf16, not upcast

@@ -299,3 +299,29 @@ def test_export_errors(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert code == 2 and "unknown format" in err
     code, _, err = run_main(["export", str(tmp_path), "--format", "onnx"], monkeypatch, capsys)
     assert code == 2 and "not a Fovea model" in err
+
+
+def test_entropy_and_percentile_calibrations_differ_from_minmax(run: Path, tmp_path: Path) -> None:
+    """ONNX Runtime's default entropy histogram (128 bins for 128 levels) makes entropy equal MinMax."""
+    import onnx
+    from onnx import numpy_helper
+
+    from fovea.compress._onnx import export_onnx, quantize_ort
+
+    base = Model(run, "cpu")
+    fp32 = export_onnx(base.net, base.mean, base.std, base.image_size, tmp_path / "fp32.onnx")
+    calib = torch.randint(0, 256, (32, 3, base.image_size, base.image_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+
+    def activation_scales(method: str) -> dict[str, float]:
+        out = tmp_path / f"{method}.onnx"
+        quantize_ort(fp32, out, calib, method, work=tmp_path)
+        g = onnx.load(str(out)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+        return {n.input[1]: float(inits[n.input[1]]) for n in g.node
+                if n.op_type == "QuantizeLinear" and inits.get(n.input[1], np.zeros(2)).size == 1}
+
+    minmax, entropy, percentile = (activation_scales(m) for m in ("minmax", "entropy", "percentile"))
+    assert minmax.keys() == entropy.keys() and len(minmax) > 3
+    assert sum(entropy[k] < minmax[k] * 0.99 for k in minmax) >= 2  # entropy clips some ranges
+    assert any(abs(percentile[k] - minmax[k]) > 1e-6 * minmax[k] for k in minmax)

@@ -28,6 +28,12 @@ log = logging.getLogger("fovea.compress")
 INPUT, OUTPUT = "images", "logits"
 ONNX_FILE = "model.onnx"
 CALIBRATIONS = ("minmax", "percentile", "entropy")
+# Histogram settings per calibration (ONNX Runtime's names); MinMax needs none.
+CALIBRATION_OPTIONS: dict[str, dict[str, Any]] = {
+    "minmax": {},
+    "percentile": {"num_bins": 2048, "percentile": 99.999},
+    "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
+}
 
 
 class Normalized(nn.Module):
@@ -130,20 +136,35 @@ def quantize_ort(fp32: Path, out: Path, calibration: torch.Tensor, method: str, 
     ``quant_pre_process`` (ONNX Runtime's graph optimizer) would fold any left. Returns what happened: the
     BatchNormalization node counts before and after, and how many tensors are quantized.
     """
+    import tempfile
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method not in CALIBRATIONS:
         raise FoveaError(f"unknown calibration {method!r}; choose from {', '.join(CALIBRATIONS)}")
     pre = work / "preprocessed.onnx"
+    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}[method]
     with _quiet():
         if not pre.exists():
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                 "entropy": CalibrationMethod.Entropy}[method]
-        quantize_static(str(pre), str(out), _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+        # The calibrator is built here rather than inside quantize_static, which cannot pass it a histogram
+        # size: its entropy default (128 bins for 128 quantized bins) leaves one candidate threshold, the full
+        # range, so "entropy" silently equals MinMax (byte-identical models, measured). 2048 bins is the
+        # size of TensorRT's entropy calibration, which ORT's implements.
+        with tempfile.TemporaryDirectory(prefix="fovea-calib-") as tmp:
+            calibrator = create_calibrator(pre, None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=calib, extra_options=CALIBRATION_OPTIONS[method])
+            calibrator.collect_data(_Reader(calibration))
+            ranges = calibrator.compute_data()
+        cache = work / f"ranges-{method}.json"
+        cache.unlink(missing_ok=True)
+        save_tensors_data(ranges, cache)
+        quantize_static(str(pre), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
-                        extra_options={"CalibMovingAverage": False})
+                        calibration_cache_path=str(cache))
     before, after = count_ops(fp32), count_ops(out)
     return {"calibration": method, "calibration_images": len(calibration), "format": "QDQ",
             "weights": "int8 per channel", "activations": "uint8 per tensor",

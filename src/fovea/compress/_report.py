@@ -114,7 +114,8 @@ def write_report(path: Path, result: dict[str, Any], cams: _GradCam | None) -> P
         parts.append(f"<h2>Where each model looks</h2><p>Grad-CAM of the class the float32 model predicts, at "
                      f"<code>{html.escape(cams.layer_name)}</code>, on {len(cams.images)} test images. A method whose "
                      f"median rank correlation with float32 falls under {GRADCAM_FLAG} is flagged in the table. "
-                     "ONNX Runtime and compiled PT2E models run without gradients, so they have no maps.</p>"
+                     "ONNX models run without gradients: their maps come from finite differences through the graph after the "
+                     "layer (the same maps as PyTorch's on the float32 export). The compiled PT2E program has none.</p>"
                      + _overlays(cams))
     path.write_text("\n".join(parts))
     return path

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from torch import nn
 
 from fovea.compress import _ort_cam
 from fovea.compress._onnx import export_onnx, quantize_ort
-from fovea.compress._ort_cam import onnx_gradcam
+from fovea.compress._ort_cam import layer_aliases, onnx_gradcam
 from fovea.errors import FoveaError
 from fovea.explain._cam import _net_maps, resolve_layer
 from fovea.explain._sanity import rank_correlation
@@ -99,3 +100,33 @@ def test_int8_maps_follow_fp32(setup: Exported, monkeypatch: pytest.MonkeyPatch)
 def test_unknown_layer_is_refused(setup: Exported) -> None:
     with pytest.raises(FoveaError, match="no layer 'stages.9'.*stages.2"):
         onnx_gradcam(setup.int8, "stages.9", setup.images, setup.targets)
+
+
+def test_int8_model_without_scopes_uses_the_fp32_export(setup: Exported, tmp_path: Path) -> None:
+    """quant_pre_process drops every node's metadata when ONNX Runtime inlines a function (mobilenetv3's
+    HardSwish): the layer is then found in the float32 export and taken by its tensor name."""
+    model = onnx.load(str(setup.int8))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    with pytest.raises(FoveaError, match="no PyTorch module scopes"):
+        onnx_gradcam(bare, "stages", setup.images, setup.targets)
+    maps = onnx_gradcam(bare, "stages", setup.images, setup.targets, reference=setup.fp32)
+    assert np.allclose(maps, onnx_gradcam(setup.int8, "stages", setup.images, setup.targets), atol=1e-6)
+
+
+def test_layer_aliases_follow_identity_but_not_in_place_changes() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)
+            self.out = nn.Identity()  # no op: absent from an ONNX graph
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            y += 1  # conv's output object now holds something else
+            return self.out(self.act(y))
+
+    assert layer_aliases(nn.Sequential(Block()), 8, "0.out") == ["0.out", "0.act", "0"]
