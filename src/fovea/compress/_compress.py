@@ -274,8 +274,8 @@ def _verdict(row: Row, base: Row, hw: Hardware, onnx: Row | None = None) -> str:
                       f"{p['max_abs_logit_diff']:.2e}")
     if size > 1.05:
         advice.append("a larger file than float32's")
-    if not advice and drop <= ACCURACY_LOSS_FLAG and (size <= 0.5 or speed >= 1.3):
-        advice.append("recommended" + (" for CPU serving" if speed >= 1.3 and row.device == "cpu" else ""))
+    if not advice and drop <= ACCURACY_LOSS_FLAG and (size <= 0.55 or speed >= 1.2):
+        advice.append("recommended" + (" for CPU serving" if speed >= 1.2 and row.device == "cpu" else ""))
     return "; ".join(parts + advice)
 
 
