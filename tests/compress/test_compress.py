@@ -325,3 +325,23 @@ def test_entropy_and_percentile_calibrations_differ_from_minmax(run: Path, tmp_p
     assert minmax.keys() == entropy.keys() and len(minmax) > 3
     assert sum(entropy[k] < minmax[k] * 0.99 for k in minmax) >= 2  # entropy clips some ranges
     assert any(abs(percentile[k] - minmax[k]) > 1e-6 * minmax[k] for k in minmax)
+
+
+def test_a_method_that_fails_is_a_row_saying_why_and_the_others_still_count(run: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import fovea.compress._compress as c
+
+    def broken(*args: object, **kw: object) -> None:
+        raise RuntimeError("Unsupported: aten::weird_op")
+
+    monkeypatch.setattr(c, "export_onnx", broken)
+    r = compress(run, methods=["onnx", "int8-sym"], out=tmp_path / "c", seconds=0.2, rounds=1, gradcam_images=0,
+                 progress=False)
+    onnx, int8 = rows(r)["onnx"], rows(r)["int8-sym"]
+    assert onnx["verdict"].startswith("failed: RuntimeError: Unsupported: aten::weird_op")
+    assert onnx["accuracy"] is None and onnx["throughput"] is None and not (tmp_path / "c" / "onnx").exists()
+    assert int8["throughput"] > 0
+    def no_nan(constant: str) -> None:
+        pytest.fail(f"{constant} in compression.json: not JSON")
+
+    json.loads((tmp_path / "c" / "compression.json").read_text(), parse_constant=no_nan)

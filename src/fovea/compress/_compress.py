@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -95,7 +96,7 @@ def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def _training_root(meta: dict[str, Any], run: Path) -> Path | None:
+def _training_root(meta: dict[str, Any]) -> Path | None:
     root = (meta.get("data") or {}).get("root")
     if not root:
         return None
@@ -287,6 +288,8 @@ def _score_row(method: str, model: Predictor, images: torch.Tensor, labels: np.n
     acc, ci = _accuracy(pred, labels)
     agreement = float((pred == base_pred).mean()) if base_pred is not None else 1.0
     nan = float("nan")
+    if base_pred is None:
+        details["_pred"] = pred  # the baseline's labels, for every other row's agreement
     return Row(method=method, runtime=runtime, description=description, device=device, path=str(path),
                size_bytes=_size(path), accuracy=acc, accuracy_95ci=ci, agreement=agreement, p50_ms=nan, p95_ms=nan,
                throughput=nan, details=details)
@@ -350,14 +353,14 @@ def compress(
         raise FoveaError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     hw = hardware()
     base = Model(run, "cpu")
-    data_root = Path(data) if data is not None else _training_root(meta, run)
+    data_root = Path(data) if data is not None else _training_root(meta)
     if data_root is None:
         raise FoveaError(f"the data {run} was trained on is not found ({(meta.get('data') or {}).get('root')}); "
                          "give held-out images with --data DIR")
     images, labels = _eval_images(base, data_root, progress)
     calibration = None
     if any(m in CALIBRATED for m in methods):
-        root = Path(calib_data) if calib_data is not None else _training_root(meta, run)
+        root = Path(calib_data) if calib_data is not None else _training_root(meta)
         if root is None:
             raise FoveaError("static int8 needs training images to calibrate on and the run's data is not found; "
                              "give --calib-data DIR, or leave out the calibrated methods (--methods)")
@@ -369,7 +372,7 @@ def compress(
     base_row = _score_row("fp32", base, images, labels, None, path=run, device="cpu", details={})
     base_row.size_bytes = (run / WEIGHTS).stat().st_size
     base_row.description, base_row.runtime = "float32, as trained (PyTorch)", "torch"
-    base_pred = base.predict_proba(images).argmax(1)
+    base_pred = base_row.details.pop("_pred")
     rows.append(base_row)
     timed: list[tuple[Row, Predictor]] = [(base_row, base)]
     sample = images[torch.from_numpy(_stratified(labels, gradcam_images, seed))] if gradcam_images > 0 else images[:0]
@@ -383,8 +386,11 @@ def compress(
             t0 = time.perf_counter()
             try:
                 details = _build(method, base, folder, calibration, Path(tmp))
-            except FoveaError as e:
+            except Exception as e:  # noqa: BLE001 - one method failing (an exporter or quantizer that cannot
+                # handle some layer) must not cost the user the other rows; the row says what failed, and how
                 shutil.rmtree(folder, ignore_errors=True)
+                if not isinstance(e, FoveaError):
+                    e = FoveaError(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
                 log.warning("%s: not built: %s", method, e)
                 rows.append(Row(method, METHODS[method][0], METHODS[method][1], "cpu", "", 0, float("nan"),
                                 (float("nan"), float("nan")), float("nan"), float("nan"), float("nan"), float("nan"),
@@ -422,13 +428,24 @@ def compress(
         "calibration_images": int(len(calibration)) if calibration is not None else 0,
         "hardware": hw.to_dict(), "hardware_summary": hw.summary(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "rows": [r.to_dict() for r in rows],
+        "rows": [_finite(r.to_dict()) for r in rows],
     }
     (out / "compression.json").write_text(json.dumps(result, indent=2, default=_json_default))
     from fovea.compress._report import write_report
 
     result["report"] = str(write_report(out / "report.html", result, cams))
     return result
+
+
+def _finite(o: Any) -> Any:
+    """NaN (a failed row's figures) as None: JSON has no NaN, and a reader should see "no figure"."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:
