@@ -49,3 +49,58 @@ def make_subset(dst: Path, n_train: int, n_val: int, root: Path) -> Path:
 def tiny_pets(tmp_path_factory: pytest.TempPathFactory, pets_root: Path) -> Path:
     """40 train + 20 val images per class of real cats and dogs (read-only: copy before changing)."""
     return make_subset(tmp_path_factory.mktemp("tiny_pets"), 40, 20, pets_root)
+
+
+def _postgres_bin(tool: str) -> str | None:
+    import glob
+
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))  # Debian's layout: one folder per version
+    return versions[-1] if versions else shutil.which(tool)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a generator fixture
+    """A real PostgreSQL server for the session: $FOVEA_TEST_POSTGRES, or a throwaway cluster started here.
+
+    The cluster listens on a Unix socket in a temporary folder only (no TCP port to collide with), trusts
+    local connections, and is stopped at the end. As root, the server runs as the ``postgres`` user (it
+    refuses to run as root). Without the PostgreSQL server binaries (Debian's ``postgresql`` package, which
+    .ci/run installs) the tests that need it are skipped with the reason.
+    """
+    import subprocess
+
+    url = os.environ.get("FOVEA_TEST_POSTGRES")
+    if url:
+        yield url
+        return
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries not found (apt install postgresql, or set FOVEA_TEST_POSTGRES)")
+    root = tmp_path_factory.mktemp("postgres")
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        root.chmod(0o755)
+        for parent in root.parents:  # the postgres user must be able to reach the socket folder
+            if parent == Path("/"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o011)
+
+    def run(*cmd: str) -> None:
+        done = subprocess.run([*prefix, *cmd], capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            log = (root / "log").read_text() if (root / "log").exists() else ""
+            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr or done.stdout}\n{log[-2000:]}")
+
+    run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
+    run(pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o", f"-k {sock} -c listen_addresses='' -p 54329",
+        "start")
+    try:
+        run(str(Path(initdb).parent / "createdb"), "-h", str(sock), "-p", "54329", "-U", "postgres", "fovea")
+        yield f"postgresql://postgres@/fovea?host={sock}&port=54329"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=120)

@@ -730,6 +730,101 @@ def export_command(
         typer.echo(f"Triton model repository: {info['triton_repository']} (tritonserver --model-repository ...)")
 
 
+registry_app = typer.Typer(help="Model versions and aliases (stored in FOVEA_HOME, or the database at --db).",
+                           no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(registry_app, name="registry")
+DbOption = Annotated[str | None, typer.Option("--db", envvar="FOVEA_DB",
+                                              help="Database URL (default sqlite:///$FOVEA_HOME/fovea.db; "
+                                                   "postgresql://user:pass@host/db for several replicas).")]
+
+
+def _print_versions(vs: list[Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([v.to_dict() for v in vs]))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for h in ("model", "version", "aliases", "runtime", "classes", "size", "accuracy", "created", "from"):
+        table.add_column(h, overflow="fold")
+    for v in vs:
+        table.add_row(v.name, str(v.version), ",".join(v.aliases), v.runtime, ",".join(v.classes), str(v.image_size),
+                      "—" if v.accuracy is None else f"{v.accuracy:.3f}", v.created, v.source)
+    Console().print(table)
+
+
+@registry_app.command("add", epilog=_examples("fovea registry add runs/pets --name pets",
+                                              "fovea registry add runs/pets/compressed/ort-int8-entropy --name pets "
+                                              "--alias candidate"))
+def registry_add(
+    run: Annotated[Path, typer.Argument(help="A model folder: a run, a compressed artifact, an ensemble.")],
+    name: Annotated[str, typer.Option(help="The model's name; each add makes its next version.")],
+    alias: Annotated[str | None, typer.Option(help="Point this alias (e.g. production) at the new version.")] = None,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Register a model: its files are copied into FOVEA_HOME/models/NAME/VERSION."""
+    from fovea import registry
+    from fovea.store import Store
+
+    v = registry.add(run, name, alias=alias, store=Store(db))
+    if as_json:
+        typer.echo(json.dumps(v.to_dict()))
+    else:
+        typer.echo(f"registered {v.ref}" + (f" ({', '.join(v.aliases)})" if v.aliases else "") + f" at {v.path}")
+
+
+@registry_app.command("list", epilog=_examples("fovea registry list", "fovea registry list --name pets --json"))
+def registry_list(
+    name: Annotated[str | None, typer.Option(help="Only this model's versions.")] = None,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Every registered version, with its aliases."""
+    from fovea import registry
+    from fovea.store import Store
+
+    _print_versions(registry.versions(name, store=Store(db)), as_json)
+
+
+@registry_app.command("show", epilog=_examples("fovea registry show pets", "fovea registry show pets:2",
+                                               "fovea registry show pets:production --json"))
+def registry_show(
+    ref: Annotated[str, typer.Argument(help="NAME (production, else newest), NAME:VERSION or NAME:ALIAS.")],
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One version: where it is, where it came from, its digest and aliases."""
+    from fovea import registry
+    from fovea.store import Store
+
+    v = registry.resolve(ref, store=Store(db))
+    if as_json:
+        typer.echo(json.dumps(v.to_dict()))
+        return
+    for k, val in v.to_dict().items():
+        typer.echo(f"{k:11} {', '.join(val) if isinstance(val, list) else val}")
+
+
+@registry_app.command("alias", epilog=_examples("fovea registry alias pets:3 production",
+                                                "fovea registry alias pets:4 candidate"))
+def registry_alias(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION")],
+    alias: Annotated[str, typer.Argument(help="e.g. production, candidate")],
+    db: DbOption = None,
+) -> None:
+    """Point an alias at a version (moving it from where it pointed)."""
+    from fovea import registry
+    from fovea.store import Store
+
+    name, _, version = ref.partition(":")
+    if not version.isdigit():
+        raise FoveaError(f"give NAME:VERSION (e.g. pets:3), not {ref!r}")
+    v = registry.set_alias(name, int(version), alias, store=Store(db))
+    typer.echo(f"{name}:{alias} -> {v.ref}")
+
+
 def main() -> None:
     try:
         app()

@@ -193,6 +193,14 @@ def _build(method: str, model: Model, folder: Path, calibration: torch.Tensor | 
     return details
 
 
+def _record_accuracy(folder: Path, row: Row, data: Path) -> None:
+    """The artifact's own accuracy in its model.json (the registry and reports show it), not the source's."""
+    meta = json.loads((folder / META).read_text())
+    meta["metrics"] = {"accuracy": row.accuracy, "accuracy_95ci": list(row.accuracy_95ci),
+                       "agreement_with_fp32": row.agreement, "data": str(data), "measured_by": "fovea compress"}
+    _write_meta(folder, meta)
+
+
 def _accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, float]]:
     from fovea.evaluation._metrics import accuracy_interval
 
@@ -403,6 +411,7 @@ def compress(
             if method == "onnx":
                 details["parity"] = parity(base, loaded, images)
             row = _score_row(method, loaded, images, labels, base_pred, path=folder, device="cpu", details=details)
+            _record_accuracy(folder, row, data_root)
             if method in ("fp16", "bf16"):
                 row.native = hw.native(method.replace("fp", "float").replace("bf", "bfloat"), "cpu")
             if cams is not None:

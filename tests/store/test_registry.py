@@ -1,0 +1,114 @@
+"""The store (SQLite and a real PostgreSQL, migrated by Alembic) and the registry on top of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import fovea
+from fovea import registry
+from fovea.cli import main
+from fovea.errors import FoveaError
+from fovea.store import Base, ModelVersion, Store
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FOVEA_HOME", str(tmp_path_factory.mktemp("registry_home")))
+        return fovea.train(tiny_pets, model="cnn", image_size=16, epochs=1, extra={"widths": (8, 8, 8, 8)},
+                           out=str(tmp_path_factory.mktemp("registry_run") / "cnn"), progress=False)
+
+
+def schema_differences(store: Store) -> list:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    with store.engine.connect() as conn:
+        return compare_metadata(MigrationContext.configure(conn), Base.metadata)
+
+
+def alembic_revision(store: Store) -> str | None:
+    from alembic.migration import MigrationContext
+
+    with store.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def test_a_new_sqlite_store_is_migrated_to_the_schema_of_the_code(fovea_home: Path) -> None:
+    store = Store()
+    assert store.url == f"sqlite:///{fovea_home / 'fovea.db'}" and (fovea_home / "fovea.db").exists()
+    assert alembic_revision(store) == "0001"
+    assert schema_differences(store) == []  # the migration creates exactly what the models describe
+    Store()  # opening again is a no-op, not an error
+
+
+def test_postgresql_store_is_migrated_and_holds_the_registry(postgres_url: str, run: Path) -> None:
+    store = Store(postgres_url)
+    assert store.engine.dialect.name == "postgresql"
+    assert alembic_revision(store) == "0001" and schema_differences(store) == []
+    v = registry.add(run, "pg-pets", alias="production", store=store)
+    again = registry.add(run, "pg-pets", store=store)
+    assert (v.version, again.version) == (1, 2)
+    assert registry.resolve("pg-pets", store=Store(postgres_url)).version == 1  # production wins over newest
+
+
+def test_add_makes_versions_copies_files_and_moves_aliases(run: Path, fovea_home: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    v1 = registry.add(copy, "pets")
+    v2 = registry.add(copy, "pets", alias="candidate")
+    assert (v1.version, v2.version) == (1, 2) and v2.aliases == ["candidate"]
+    assert Path(v1.path) == fovea_home / "models" / "pets" / "1"
+    assert sorted(p.name for p in Path(v1.path).iterdir()) == ["model.json", "model.safetensors"]  # no checkpoints
+    assert registry.resolve("pets").version == 2  # no production alias: the newest
+    registry.set_alias("pets", 1, "production")
+    assert registry.resolve("pets").version == 1 and registry.resolve("pets:candidate").version == 2
+    registry.set_alias("pets", 2, "production")  # an alias moves, it is not duplicated
+    assert registry.resolve("pets:production").version == 2
+    assert [x.aliases for x in registry.versions("pets")] == [[], ["candidate", "production"]]
+    shutil.rmtree(copy)  # the registered copy does not need the run
+    preds, _ = registry.open_version(registry.resolve("pets:1"), "cpu").predict(sorted(run.parent.glob("*"))[:0])
+    assert preds == []
+    (Path(v1.path) / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(FoveaError, match="changed since they were registered"):
+        registry.open_version(registry.resolve("pets:1"), "cpu")
+
+
+def test_registry_errors(run: Path, tmp_path: Path) -> None:
+    with pytest.raises(FoveaError, match="not allowed"):
+        registry.add(run, "../escape")
+    with pytest.raises(FoveaError, match="not a Fovea model"):
+        registry.add(tmp_path, "pets")
+    registry.add(run, "pets")
+    with pytest.raises(FoveaError, match="not in the registry"):
+        registry.resolve("pets:7")
+    with pytest.raises(FoveaError, match="no model named"):
+        registry.versions("dogs")
+    with Store().session() as s:
+        assert s.query(ModelVersion).count() == 1  # the refused adds left nothing behind
+
+
+def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["fovea", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+def test_cli(run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_main(["registry", "add", str(run), "--name", "pets", "--alias", "production"], monkeypatch, capsys)
+    assert code == 0 and "registered pets:1 (production)" in out
+    code, out, _ = run_main(["registry", "list", "--json"], monkeypatch, capsys)
+    assert code == 0 and [v["version"] for v in json.loads(out)] == [1]
+    code, out, _ = run_main(["registry", "show", "pets:production", "--json"], monkeypatch, capsys)
+    assert code == 0 and json.loads(out)["classes"] == ["cat", "dog"]
+    code, _, err = run_main(["registry", "alias", "pets", "production"], monkeypatch, capsys)
+    assert code == 2 and "NAME:VERSION" in err
+    code, _, err = run_main(["registry", "show", "pets:9"], monkeypatch, capsys)
+    assert code == 2 and "not in the registry" in err and "Traceback" not in err
