@@ -730,6 +730,40 @@ def export_command(
         typer.echo(f"Triton model repository: {info['triton_repository']} (tritonserver --model-repository ...)")
 
 
+@app.command("serve", epilog=_examples(
+    "fovea serve runs/pets",
+    "fovea serve pets:production --port 8080 --workers 2",
+    "curl -s --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/predict",
+    "curl -s -F file=@cat.jpg -F file=@dog.png localhost:8000/v1/predict"))
+def serve_command(
+    model: Annotated[str, typer.Argument(help="A model folder, or a registry reference: NAME, NAME:VERSION, NAME:ALIAS.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Server processes; each loads the model.")] = 1,
+    max_batch_size: Annotated[int, typer.Option(help="Images per forward pass at most.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request may wait for others to join its batch.")] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 20.0,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 30.0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    no_log: Annotated[bool, typer.Option("--no-log", help="Do not record predictions in the store.")] = False,
+    db: Annotated[str | None, typer.Option("--db", envvar="FOVEA_DB", help="Database URL (default: the SQLite "
+                                                                            "file in FOVEA_HOME).")] = None,
+) -> None:
+    """Serve a model over HTTP: /v1/predict, Open Inference Protocol v2 under /v2, Prometheus /metrics."""
+    import os
+
+    import uvicorn
+
+    from fovea.serve._app import CONFIG_ENV, ServeConfig
+
+    config = ServeConfig(model=model, db=db, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout, log_predictions=not no_log)
+    os.environ[CONFIG_ENV] = config.to_json()
+    _setup_logging()
+    uvicorn.run("fovea.serve._app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="info", timeout_graceful_shutdown=10)
+
+
 registry_app = typer.Typer(help="Model versions and aliases (stored in FOVEA_HOME, or the database at --db).",
                            no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(registry_app, name="registry")

@@ -1,0 +1,406 @@
+"""``fovea serve``: the online prediction server (FastAPI + uvicorn).
+
+Routes:
+    POST /v1/predict                    raw image bytes, multipart upload (one or many files) or JSON base64
+    GET  /v2/health/live, /v2/health/ready          Open Inference Protocol v2 (KServe, Triton clients)
+    GET  /v2/models/{name}, /v2/models/{name}/ready
+    POST /v2/models/{name}/infer        UINT8 tensors (N, 3, S, S) or BYTES (encoded image files)
+    GET  /metrics                       Prometheus: requests, latency, batch sizes, errors, per model version
+
+Every answer that is not a prediction is a JSON ``{"error": ...}`` with a 4xx status: a non-image is 415 or
+422, a body over the limit 413, a decompression bomb 422, a timeout 504. Decoding runs on worker threads,
+inference on one thread fed by the micro-batcher, logging to the store on another; the event loop only
+routes. The model is loaded and warmed up (a batch of 1 and a full batch) before /v2/health/ready says yes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request  # module level: FastAPI reads the routes' annotations from here
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fovea.errors import FoveaError, ImageError
+from fovea.serve._batcher import MicroBatcher
+
+log = logging.getLogger("fovea.serve")
+CONFIG_ENV = "FOVEA_SERVE_CONFIG"
+
+
+@dataclass
+class ServeConfig:
+    model: str  # a registry reference (NAME, NAME:VERSION, NAME:ALIAS) or a model folder
+    db: str | None = None
+    device: str = "auto"
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+    max_body_bytes: int = 20 * 2**20  # 20 MiB per request
+    max_pixels: int = 64_000_000  # per image, checked from the header before decoding
+    max_images: int = 64  # per request
+    timeout_s: float = 30.0
+    log_predictions: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class HTTPProblem(Exception):
+    """A request Fovea cannot serve: answered as {"error": message} with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Served:
+    """The model being served and how it is identified in answers and logs."""
+
+    name: str
+    version: int
+    model: Any  # a loaded artifact (Predictor or Ensemble)
+    batcher: MicroBatcher
+    digest: str = ""
+    ready: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load(config: ServeConfig) -> tuple[str, int, Any, str]:
+    """(name, version, loaded model, digest) from a folder or the registry."""
+    from fovea.artifact import META, load
+
+    folder = Path(config.model)
+    if (folder / META).exists():
+        return folder.resolve().name, 0, load(folder, config.device), ""
+    if ":" not in config.model and os.sep in config.model:
+        raise FoveaError(f"{config.model} is not a model folder (no {META}) and not a registry name")
+    from fovea import registry
+    from fovea.store import Store
+
+    v = registry.resolve(config.model, store=Store(config.db))
+    return v.name, v.version, registry.open_version(v, config.device), v.digest
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fovea_requests", "HTTP requests answered", ["route", "status", "model_version"],
+                                registry=self.registry)
+        self.latency = Histogram("fovea_request_latency_seconds", "Time from request to answer", ["route", "model_version"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
+        self.batch = Histogram("fovea_batch_size", "Images per forward pass", ["model_version"],
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.errors = Counter("fovea_errors", "Requests answered with an error", ["status", "model_version"],
+                              registry=self.registry)
+        self.images = Counter("fovea_images", "Images predicted", ["model_version"], registry=self.registry)
+        self.log_dropped = Gauge("fovea_prediction_log_dropped", "Predictions not written to the store",
+                                 registry=self.registry)
+
+
+def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    """Decode and resize with the model's preprocessing; (images, kept indexes, (index, reason))."""
+    from fovea.data import load_square
+
+    arrays, kept, bad = [], [], []
+    for i, blob in enumerate(blobs):
+        if not blob:
+            bad.append((i, "empty file"))
+            continue
+        try:
+            arrays.append(load_square(blob, model.image_size, max_pixels=max_pixels))
+            kept.append(i)
+        except ImageError as e:
+            bad.append((i, e.reason))
+    if not arrays:
+        return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()), kept, bad
+
+
+def create_app(config: ServeConfig) -> Any:
+    """The FastAPI application serving ``config.model``."""
+    metrics = _metrics = _Metrics()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        name, version, model, digest = await run_in_threadpool(_load, config)
+        version_label = str(version)
+
+        def forward(x: torch.Tensor) -> np.ndarray:
+            return model.predict_proba(x)
+
+        batcher = MicroBatcher(forward, config.max_batch_size, config.max_wait_ms,
+                               on_batch=lambda n: metrics.batch.labels(version_label).observe(n))
+        batcher.start()
+        served = Served(name, version, model, batcher, digest)
+        state["served"] = served
+        # Warm up before ready: the first batch of each size pays allocation and kernel selection.
+        for n in (1, config.max_batch_size):
+            await batcher.submit(torch.zeros(n, 3, model.image_size, model.image_size, dtype=torch.uint8))
+        if config.log_predictions:
+            from fovea.serve._log import PredictionLog
+            from fovea.store import Store
+
+            state["log"] = PredictionLog(Store(config.db))
+        served.ready = True
+        log.info("serving %s version %s (%d classes, %d px)", name, version, len(model.classes), model.image_size)
+        try:
+            yield
+        finally:
+            served.ready = False
+            await batcher.stop()
+            if "log" in state:
+                await run_in_threadpool(state["log"].close)
+
+    app = FastAPI(title="Fovea", lifespan=lifespan,
+                  description="Image classification: POST an image to /v1/predict; Open Inference Protocol v2 "
+                              "under /v2; Prometheus metrics at /metrics.")
+
+    def served() -> Served:
+        s = state.get("served")
+        if s is None or not s.ready:
+            raise HTTPProblem(503, "the model is still loading")
+        return s
+
+    @app.exception_handler(HTTPProblem)
+    async def problem(request: Request, e: HTTPProblem) -> JSONResponse:
+        return JSONResponse({"error": e.message}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "invalid request", "detail": json.loads(json.dumps(e.errors(), default=str))},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:  # a bug: still JSON, and logged
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        s = state.get("served")
+        version = str(s.version) if s else "none"
+        if path not in ("/metrics",):
+            metrics.requests.labels(path, str(response.status_code), version).inc()
+            metrics.latency.labels(path, version).observe(time.perf_counter() - start)
+            if response.status_code >= 400:
+                metrics.errors.labels(str(response.status_code), version).inc()
+        return response
+
+    async def read_body(request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_body_bytes:
+            raise HTTPProblem(413, f"request body of {int(length):,} bytes is over the limit of "
+                                   f"{config.max_body_bytes:,}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > config.max_body_bytes:
+                raise HTTPProblem(413, f"request body over the limit of {config.max_body_bytes:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def images_of(request: Request) -> list[bytes]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype.startswith("multipart/form-data"):
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > config.max_body_bytes:
+                raise HTTPProblem(413, f"request body of {int(length):,} bytes is over the limit of "
+                                       f"{config.max_body_bytes:,}")
+            try:
+                form = await request.form(max_files=config.max_images, max_fields=config.max_images)
+            except Exception as e:  # noqa: BLE001 - malformed multipart in any of several ways
+                raise HTTPProblem(400, f"malformed multipart body: {e}") from e
+            blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]
+            if not blobs:
+                raise HTTPProblem(422, "the multipart body has no file parts")
+            return blobs
+        body = await read_body(request)
+        if ctype == "application/json":
+            try:
+                obj = json.loads(body)
+                items = obj.get("images") or ([obj["image"]] if "image" in obj else None)
+                if not isinstance(items, list) or not items:
+                    raise ValueError
+                return [base64.b64decode(x, validate=True) for x in items]
+            except (ValueError, TypeError, AttributeError, KeyError, binascii.Error) as e:
+                raise HTTPProblem(422, 'JSON must be {"image": BASE64} or {"images": [BASE64, ...]}') from e
+        if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+            if not body:
+                raise HTTPProblem(422, "empty body: send the image's bytes")
+            return [body]
+        raise HTTPProblem(415, f"content type {ctype!r} is not an image; send image/*, application/octet-stream, "
+                               "multipart/form-data or application/json with base64")
+
+    async def predict_blobs(s: Served, blobs: list[bytes]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+        if len(blobs) > config.max_images:
+            raise HTTPProblem(413, f"{len(blobs)} images in one request; the limit is {config.max_images}")
+        x, kept, bad = await run_in_threadpool(_decode, s.model, blobs, config.max_pixels)
+        if not kept:
+            reasons = "; ".join(f"#{i}: {r}" for i, r in bad)
+            raise HTTPProblem(422, f"not a usable image: {reasons}" if len(blobs) > 1 else f"not a usable image: {bad[0][1]}")
+        try:
+            probs = await asyncio.wait_for(s.batcher.submit(x), config.timeout_s)
+        except asyncio.TimeoutError as e:
+            raise HTTPProblem(504, f"no answer within {config.timeout_s:g} s") from e
+        metrics.images.labels(str(s.version)).inc(len(kept))
+        return probs, kept, bad
+
+    def record(s: Served, request_id: str, blobs: list[bytes], kept: list[int], probs: np.ndarray, latency_ms: float,
+               client: str | None) -> None:
+        pl = state.get("log")
+        if pl is None:
+            return
+        import hashlib
+
+        for i, p in zip(kept, probs):
+            j = int(p.argmax())
+            pl.put({"request_id": request_id, "model_name": s.name, "model_version": s.version, "label": s.model.classes[j],
+                    "confidence": float(p[j]), "probabilities": {c: float(v) for c, v in zip(s.model.classes, p)},
+                    "latency_ms": latency_ms, "fingerprint": hashlib.sha256(blobs[i]).hexdigest(), "client_id": client})
+        metrics.log_dropped.set(pl.dropped)
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        s = served()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        blobs = await images_of(request)
+        probs, kept, bad = await predict_blobs(s, blobs)
+        latency_ms = (time.perf_counter() - start) * 1000
+        results: list[dict[str, Any]] = [{} for _ in blobs]
+        for i, p in zip(kept, probs):
+            j = int(p.argmax())
+            results[i] = {"label": s.model.classes[j], "probability": float(p[j]),
+                          "probabilities": {c: float(v) for c, v in zip(s.model.classes, p)}}
+        for i, reason in bad:
+            results[i] = {"error": reason}
+        record(s, request_id, blobs, kept, probs, latency_ms, request.headers.get("x-client-id"))
+        body: dict[str, Any] = {"request_id": request_id, "model": s.name, "model_version": s.version,
+                                "predictions": results, "latency_ms": round(latency_ms, 3)}
+        if len(blobs) == 1:
+            body.update(results[0])
+        return JSONResponse(body, headers={"x-request-id": request_id})
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> JSONResponse:
+        s = state.get("served")
+        ok = bool(s and s.ready)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    def model_named(name: str) -> Served:
+        s = served()
+        if name != s.name:
+            raise HTTPProblem(404, f"no model {name!r} here; this server serves {s.name!r}")
+        return s
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> dict[str, Any]:
+        s = model_named(name)
+        size = s.model.image_size
+        return {"name": s.name, "versions": [str(s.version)], "platform": "fovea",
+                "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, size, size]},
+                           {"name": "image_files", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.model.classes)]},
+                            {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+                "parameters": {"classes": s.model.classes}}
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> dict[str, bool]:
+        model_named(name)
+        return {"ready": True}
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        s = model_named(name)
+        try:
+            req = json.loads(await read_body(request))
+            inp = req["inputs"][0]
+            dtype, shape, data = inp["datatype"], [int(d) for d in inp["shape"]], inp["data"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise HTTPProblem(422, 'expected {"inputs": [{"name", "shape", "datatype", "data"}]}') from e
+        size = s.model.image_size
+        kept: list[int]
+        blobs: list[bytes] = []
+        if dtype == "UINT8":
+            if len(shape) != 4 or shape[1:] != [3, size, size]:
+                raise HTTPProblem(422, f"UINT8 input must have shape [N, 3, {size}, {size}], got {shape}")
+            arr = np.asarray(data, dtype=np.int64).ravel()
+            if arr.size != int(np.prod(shape)) or arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
+                raise HTTPProblem(422, f"UINT8 data must hold {int(np.prod(shape))} values in 0..255")
+            if shape[0] > config.max_images:
+                raise HTTPProblem(413, f"{shape[0]} images in one request; the limit is {config.max_images}")
+            x = torch.from_numpy(arr.astype(np.uint8).reshape(shape))
+            probs = await asyncio.wait_for(s.batcher.submit(x), config.timeout_s)
+            kept = list(range(shape[0]))
+        elif dtype == "BYTES":
+            try:
+                blobs = [base64.b64decode(d, validate=True) for d in data]
+            except (binascii.Error, TypeError, ValueError) as e:
+                raise HTTPProblem(422, "BYTES data must be base64-encoded image files") from e
+            probs, kept, bad = await predict_blobs(s, blobs)
+            if bad:
+                raise HTTPProblem(422, "; ".join(f"#{i}: {r}" for i, r in bad))
+        else:
+            raise HTTPProblem(422, f"datatype {dtype!r} not supported: UINT8 (decoded images) or BYTES (image files)")
+        labels = [s.model.classes[int(p.argmax())] for p in probs]
+        request_id = str(req.get("id") or uuid.uuid4().hex)
+        if blobs:
+            record(s, request_id, blobs, kept, probs, (time.perf_counter() - start) * 1000,
+                   request.headers.get("x-client-id"))
+        return JSONResponse({"model_name": s.name, "model_version": str(s.version), "id": request_id,
+                             "outputs": [{"name": "probabilities", "datatype": "FP32",
+                                          "shape": [len(probs), len(s.model.classes)],
+                                          "data": [float(v) for v in np.asarray(probs).ravel()]},
+                                         {"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels}]})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.fovea = state
+    app.state.metrics = _metrics
+    return app
+
+
+def app_from_env() -> Any:
+    """The app for ``uvicorn --factory``: its configuration in $FOVEA_SERVE_CONFIG (set by ``fovea serve``)."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"{CONFIG_ENV} is not set; start the server with `fovea serve`")
+    return create_app(ServeConfig(**json.loads(raw)))
