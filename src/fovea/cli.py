@@ -741,7 +741,8 @@ def serve_command(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     workers: Annotated[int, typer.Option(help="Server processes; each loads the model.")] = 1,
     max_batch_size: Annotated[int, typer.Option(help="Images per forward pass at most.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a request may wait for others to join its batch.")] = 5.0,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request may wait for others to join its batch "
+                                                    "(0: only those already queued).")] = 0.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 20.0,
     timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 30.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",

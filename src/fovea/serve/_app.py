@@ -50,7 +50,7 @@ class ServeConfig:
     db: str | None = None
     device: str = "auto"
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_body_bytes: int = 20 * 2**20  # 20 MiB per request
     max_pixels: int = 64_000_000  # per image, checked from the header before decoding
     max_images: int = 64  # per request
@@ -143,14 +143,18 @@ def create_app(config: ServeConfig) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        name, version, model, digest = await run_in_threadpool(_load, config)
+        import concurrent.futures
+
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-infer")
+        loaded = await asyncio.get_running_loop().run_in_executor(executor, _load, config)  # on the inference thread
+        name, version, model, digest = loaded
         version_label = str(version)
 
         def forward(x: torch.Tensor) -> np.ndarray:
             return model.predict_proba(x)
 
         batcher = MicroBatcher(forward, config.max_batch_size, config.max_wait_ms,
-                               on_batch=lambda n: metrics.batch.labels(version_label).observe(n))
+                               on_batch=lambda n: metrics.batch.labels(version_label).observe(n), executor=executor)
         batcher.start()
         served = Served(name, version, model, batcher, digest)
         state["served"] = served
