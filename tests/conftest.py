@@ -51,6 +51,19 @@ def tiny_pets(tmp_path_factory: pytest.TempPathFactory, pets_root: Path) -> Path
     return make_subset(tmp_path_factory.mktemp("tiny_pets"), 40, 20, pets_root)
 
 
+def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The CLI's entry point in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from fovea.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fovea", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
 def _postgres_bin(tool: str) -> str | None:
     import glob
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_subset
+from conftest import make_subset, run_main
 
 import fovea
 from fovea.artifact import Model, load_single
-from fovea.cli import main
 from fovea.compress import compress, export
 from fovea.compress._compress import GRADCAM_FLAG, Row, _GradCam, _verdict
 from fovea.compress._linear import (
@@ -54,12 +52,6 @@ def rows(result: dict) -> dict[str, dict]:
     return {r["method"]: r for r in result["rows"] if r["device"] == "cpu"}
 
 
-def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fovea", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 # --- linear quantization: the course's formula, checked against PyTorch's own quantizer -----------------------

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_subset
+from conftest import make_subset, run_main
 from torch import nn
 
 import fovea
-from fovea.cli import main
 from fovea.errors import FoveaError
 from fovea.explain import explain, find_target_layer, overlay, sanity_check
 from fovea.explain._cam import class_activation_map
@@ -55,13 +54,6 @@ def sobel(net: nn.Module, x: torch.Tensor, targets: object) -> np.ndarray:
     return torch.hypot(F.conv2d(g, k, padding=1), F.conv2d(g, k.transpose(2, 3), padding=1))[:, 0].cpu().numpy()
 
 
-def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """The CLI's entry point in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["fovea", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def test_gradcam_maps_on_a_trained_model(runs: dict[str, Path], val_images: list[Path]) -> None:

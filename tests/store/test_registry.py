@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 
 import fovea
 from fovea import registry
-from fovea.cli import main
 from fovea.errors import FoveaError
 from fovea.store import Base, ModelVersion, Store
 
@@ -93,12 +92,6 @@ def test_registry_errors(run: Path, tmp_path: Path) -> None:
         assert s.query(ModelVersion).count() == 1  # the refused adds left nothing behind
 
 
-def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fovea", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def test_cli(run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
