@@ -765,6 +765,39 @@ def serve_command(
                 log_level="info", timeout_graceful_shutdown=10)
 
 
+@app.command("batch", epilog=_examples(
+    "fovea batch runs/pets photos/",
+    "fovea batch pets:production uploads.csv --db postgresql://fovea@db/fovea --output preds.parquet",
+    "fovea batch pets photos/ --job nightly-2026-11-23"))
+def batch_command(
+    model: Annotated[str, typer.Argument(help="A model folder, or a registry reference: NAME, NAME:VERSION, NAME:ALIAS.")],
+    source: Annotated[Path, typer.Argument(help="A folder of images (searched recursively) or a CSV with a path column.")],
+    db: Annotated[str | None, typer.Option("--db", envvar="FOVEA_DB", help="Database URL (default: the SQLite "
+                                                                            "file in FOVEA_HOME).")] = None,
+    job: Annotated[str | None, typer.Option(help="Job name (default: model version + source); the same job "
+                                                 "resumes where it stopped.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass and per transaction.")] = 64,
+    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 4,
+    output: Annotated[Path | None, typer.Option(help="Also write the job's rows to this Parquet file.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Predict every image into the database; killed and restarted, it loses and duplicates nothing."""
+    from fovea.batch import run_batch
+
+    r = run_batch(model, source, db=db, job=job, batch_size=batch_size, workers=workers, device=device,
+                  output=output, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(r.to_dict()))
+        return
+    typer.echo(f"job {r.job}: {r.predicted} predicted, {r.already_done} already stored, {len(r.unreadable)} unreadable "
+               f"of {r.inputs} inputs in {r.seconds:.1f} s ({r.model}:{r.version})")
+    for key, reason in r.unreadable[:20]:
+        typer.echo(f"  unreadable: {key}: {reason}", err=True)
+    if r.output:
+        typer.echo(f"parquet: {r.output}")
+
+
 registry_app = typer.Typer(help="Model versions and aliases (stored in FOVEA_HOME, or the database at --db).",
                            no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(registry_app, name="registry")

@@ -186,3 +186,16 @@ def open_version(v: Version, device: str = "auto") -> Any:
     if digest(folder) != v.digest:
         raise FoveaError(f"{v.ref}: the files in {folder} changed since they were registered (digest mismatch)")
     return load(folder, device)
+
+
+def open_model(ref: str, device: str = "auto", store: Store | None = None) -> tuple[str, int, Any, str]:
+    """(name, version, loaded model, digest) for a model folder (version 0) or a registry reference."""
+    from fovea.artifact import load
+
+    folder = Path(ref)
+    if (folder / META).exists():
+        return folder.resolve().name, 0, load(folder, device), ""
+    if ":" not in ref and ("/" in ref or folder.exists()):
+        raise FoveaError(f"{ref} is not a model folder (no {META}) and not a registry name")
+    v = resolve(ref, store=store)
+    return v.name, v.version, open_version(v, device), v.digest

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fovea.errors import FoveaError, ImageError
+from fovea.errors import ImageError
 from fovea.serve._batcher import MicroBatcher
 
 log = logging.getLogger("fovea.serve")
@@ -84,18 +84,11 @@ class Served:
 
 def _load(config: ServeConfig) -> tuple[str, int, Any, str]:
     """(name, version, loaded model, digest) from a folder or the registry."""
-    from fovea.artifact import META, load
-
-    folder = Path(config.model)
-    if (folder / META).exists():
-        return folder.resolve().name, 0, load(folder, config.device), ""
-    if ":" not in config.model and os.sep in config.model:
-        raise FoveaError(f"{config.model} is not a model folder (no {META}) and not a registry name")
     from fovea import registry
     from fovea.store import Store
 
-    v = registry.resolve(config.model, store=Store(config.db))
-    return v.name, v.version, registry.open_version(v, config.device), v.digest
+    store = None if (Path(config.model) / "model.json").exists() else Store(config.db)
+    return registry.open_model(config.model, config.device, store)
 
 
 class _Metrics:
