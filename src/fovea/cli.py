@@ -747,6 +747,8 @@ def serve_command(
     timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 30.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not record predictions in the store.")] = False,
+    hybrid: Annotated[bool, typer.Option("--hybrid", help="Answer from predictions `fovea batch` stored for the same "
+                                                          "image bytes and model version; infer the rest.")] = False,
     db: Annotated[str | None, typer.Option("--db", envvar="FOVEA_DB", help="Database URL (default: the SQLite "
                                                                             "file in FOVEA_HOME).")] = None,
 ) -> None:
@@ -758,7 +760,8 @@ def serve_command(
     from fovea.serve._app import CONFIG_ENV, ServeConfig
 
     config = ServeConfig(model=model, db=db, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                         max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout, log_predictions=not no_log)
+                         max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout, log_predictions=not no_log,
+                         hybrid=hybrid)
     os.environ[CONFIG_ENV] = config.to_json()
     _setup_logging()
     uvicorn.run("fovea.serve._app:app_from_env", factory=True, host=host, port=port, workers=workers,

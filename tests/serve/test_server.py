@@ -164,3 +164,24 @@ def test_serving_a_registered_version(run: Path, photos: list[Path]) -> None:
     with TestClient(create_app(ServeConfig(model="pets:production", log_predictions=False))) as c:
         r = c.post("/v1/predict", content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"})
         assert r.status_code == 200 and (r.json()["model"], r.json()["model_version"]) == ("pets", 1)
+
+
+def test_hybrid_answers_from_batch_predictions_and_falls_back_to_online(run: Path, photos: list[Path],
+                                                                         tmp_path: Path) -> None:
+    from sqlalchemy import update
+
+    from fovea.batch import run_batch
+
+    folder = tmp_path / "precomputed"
+    folder.mkdir()
+    (folder / photos[0].name).write_bytes(photos[0].read_bytes())
+    job = run_batch(str(run), folder, progress=False).job
+    with Store().session() as s:  # mark the stored answer, to see that it is the one served
+        s.execute(update(Prediction).where(Prediction.job == job).values(probabilities={"cat": 0.123, "dog": 0.877}))
+    with client(run, hybrid=True, log_predictions=False) as c:
+        files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:2]]
+        preds = c.post("/v1/predict", files=files).json()["predictions"]
+        assert preds[0] == {"label": "dog", "probability": 0.877, "probabilities": {"cat": 0.123, "dog": 0.877},
+                            "source": "batch"}
+        assert preds[1]["source"] == "online" and abs(sum(preds[1]["probabilities"].values()) - 1) < 1e-5
+        assert 'fovea_hybrid_hits_total{model_version="0"} 1.0' in c.get("/metrics").text

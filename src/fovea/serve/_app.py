@@ -56,6 +56,7 @@ class ServeConfig:
     max_images: int = 64  # per request
     timeout_s: float = 30.0
     log_predictions: bool = True
+    hybrid: bool = False  # answer from precomputed batch predictions (same model version, same bytes) when stored
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -106,8 +107,27 @@ class _Metrics:
         self.errors = Counter("fovea_errors", "Requests answered with an error", ["status", "model_version"],
                               registry=self.registry)
         self.images = Counter("fovea_images", "Images predicted", ["model_version"], registry=self.registry)
+        self.hybrid_hits = Counter("fovea_hybrid_hits", "Images answered from precomputed batch predictions",
+                                   ["model_version"], registry=self.registry)
         self.log_dropped = Gauge("fovea_prediction_log_dropped", "Predictions not written to the store",
                                  registry=self.registry)
+
+
+def _precomputed(store: Any, s: Served, blobs: list[bytes]) -> dict[int, dict[str, float]]:
+    """{index: probabilities} for the images a batch job already predicted with this model version."""
+    import hashlib
+
+    from sqlalchemy import select
+
+    from fovea.store import Prediction
+
+    prints = [hashlib.sha256(b).hexdigest() for b in blobs]
+    with store.session() as db:
+        rows = db.execute(select(Prediction.fingerprint, Prediction.probabilities).where(
+            Prediction.source == "batch", Prediction.model_name == s.name, Prediction.model_version == s.version,
+            Prediction.fingerprint.in_(set(prints)))).all()
+    found = {f: p for f, p in rows}
+    return {i: {k: float(v) for k, v in found[f].items()} for i, f in enumerate(prints) if f in found}
 
 
 def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
@@ -154,11 +174,14 @@ def create_app(config: ServeConfig) -> Any:
         # Warm up before ready: the first batch of each size pays allocation and kernel selection.
         for n in (1, config.max_batch_size):
             await batcher.submit(torch.zeros(n, 3, model.image_size, model.image_size, dtype=torch.uint8))
-        if config.log_predictions:
-            from fovea.serve._log import PredictionLog
+        if config.log_predictions or config.hybrid:
             from fovea.store import Store
 
-            state["log"] = PredictionLog(Store(config.db))
+            state["store"] = await run_in_threadpool(Store, config.db)
+        if config.log_predictions:
+            from fovea.serve._log import PredictionLog
+
+            state["log"] = PredictionLog(state["store"])
         served.ready = True
         log.info("serving %s version %s (%d classes, %d px)", name, version, len(model.classes), model.image_size)
         try:
@@ -291,13 +314,27 @@ def create_app(config: ServeConfig) -> Any:
         s = served()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         blobs = await images_of(request)
-        probs, kept, bad = await predict_blobs(s, blobs)
-        latency_ms = (time.perf_counter() - start) * 1000
         results: list[dict[str, Any]] = [{} for _ in blobs]
+        online = list(range(len(blobs)))
+        if config.hybrid:  # precomputed by `fovea batch` with this very model version: no inference needed
+            stored = await run_in_threadpool(_precomputed, state["store"], s, blobs)
+            for i, probabilities in stored.items():
+                label = max(probabilities, key=lambda c: probabilities[c])
+                results[i] = {"label": label, "probability": probabilities[label], "probabilities": probabilities,
+                              "source": "batch"}
+            online = [i for i in online if i not in stored]
+            metrics.hybrid_hits.labels(str(s.version)).inc(len(stored))
+        probs, kept, bad = np.zeros((0, len(s.model.classes))), [], []
+        if online:
+            probs, kept_o, bad_o = await predict_blobs(s, [blobs[i] for i in online])
+            kept, bad = [online[k] for k in kept_o], [(online[k], r) for k, r in bad_o]
+        latency_ms = (time.perf_counter() - start) * 1000
         for i, p in zip(kept, probs):
             j = int(p.argmax())
             results[i] = {"label": s.model.classes[j], "probability": float(p[j]),
                           "probabilities": {c: float(v) for c, v in zip(s.model.classes, p)}}
+            if config.hybrid:
+                results[i]["source"] = "online"
         for i, reason in bad:
             results[i] = {"error": reason}
         record(s, request_id, blobs, kept, probs, latency_ms, request.headers.get("x-client-id"))
