@@ -314,6 +314,8 @@ def create_app(config: ServeConfig) -> Any:
         s = served()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         blobs = await images_of(request)
+        if len(blobs) > config.max_images:
+            raise HTTPProblem(413, f"{len(blobs)} images in one request; the limit is {config.max_images}")
         results: list[dict[str, Any]] = [{} for _ in blobs]
         online = list(range(len(blobs)))
         if config.hybrid:  # precomputed by `fovea batch` with this very model version: no inference needed
