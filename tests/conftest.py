@@ -51,6 +51,17 @@ def tiny_pets(tmp_path_factory: pytest.TempPathFactory, pets_root: Path) -> Path
     return make_subset(tmp_path_factory.mktemp("tiny_pets"), 40, 20, pets_root)
 
 
+def train_cnn(data: Path, factory: pytest.TempPathFactory, tag: str, *, image_size: int, epochs: int,
+              widths: tuple[int, ...]) -> Path:
+    """A small cnn trained in its own FOVEA_HOME, for module-scoped fixtures (the per-test one does not exist yet)."""
+    import fovea
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FOVEA_HOME", str(factory.mktemp(f"{tag}_home")))
+        return fovea.train(data, model="cnn", image_size=image_size, epochs=epochs, extra={"widths": widths},
+                           out=str(factory.mktemp(f"{tag}_run") / "cnn"), progress=False)
+
+
 def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """The CLI's entry point in this process: (exit code, stdout, stderr)."""
     import sys

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_main
+from conftest import run_main, train_cnn
 from sqlalchemy import func, select
 
 import fovea
@@ -22,10 +22,8 @@ from fovea.store import Prediction, Store
 
 @pytest.fixture(scope="module")
 def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FOVEA_HOME", str(tmp_path_factory.mktemp("batch_home")))
-        return fovea.train(tiny_pets, model="cnn", image_size=16, epochs=1, extra={"widths": (8, 8, 8, 8)},
-                           out=str(tmp_path_factory.mktemp("batch_run") / "cnn"), progress=False)
+    return train_cnn(tiny_pets, tmp_path_factory, "batch", image_size=16, epochs=1,
+                     widths=(8, 8, 8, 8))
 
 
 @pytest.fixture(scope="module")

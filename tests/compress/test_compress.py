@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_subset, run_main
+from conftest import make_subset, run_main, train_cnn
 
 import fovea
 from fovea.artifact import Model, load_single
@@ -37,10 +37,8 @@ def pets(pets_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def run(pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small cnn trained 6 epochs on real cats and dogs at 32 px (with TTA, as the default records)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FOVEA_HOME", str(tmp_path_factory.mktemp("compress_home")))
-        return fovea.train(pets, model="cnn", image_size=32, epochs=6, extra={"widths": (16, 32, 64, 128)},
-                           out=str(tmp_path_factory.mktemp("compress_run") / "cnn"), progress=False)
+    return train_cnn(pets, tmp_path_factory, "compress", image_size=32, epochs=6,
+                     widths=(16, 32, 64, 128))
 
 
 @pytest.fixture(scope="module")

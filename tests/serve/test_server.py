@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import train_cnn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -24,10 +25,8 @@ from fovea.store import Prediction, Store
 
 @pytest.fixture(scope="module")
 def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FOVEA_HOME", str(tmp_path_factory.mktemp("serve_home")))
-        return fovea.train(tiny_pets, model="cnn", image_size=32, epochs=2, extra={"widths": (8, 16, 16, 16)},
-                           out=str(tmp_path_factory.mktemp("serve_run") / "cnn"), progress=False)
+    return train_cnn(tiny_pets, tmp_path_factory, "serve", image_size=32, epochs=2,
+                     widths=(8, 16, 16, 16))
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_main
+from conftest import run_main, train_cnn
 
-import fovea
 from fovea import registry
 from fovea.errors import FoveaError
 from fovea.store import Base, ModelVersion, Store
@@ -17,10 +16,8 @@ from fovea.store import Base, ModelVersion, Store
 
 @pytest.fixture(scope="module")
 def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FOVEA_HOME", str(tmp_path_factory.mktemp("registry_home")))
-        return fovea.train(tiny_pets, model="cnn", image_size=16, epochs=1, extra={"widths": (8, 8, 8, 8)},
-                           out=str(tmp_path_factory.mktemp("registry_run") / "cnn"), progress=False)
+    return train_cnn(tiny_pets, tmp_path_factory, "registry", image_size=16, epochs=1,
+                     widths=(8, 8, 8, 8))
 
 
 def schema_differences(store: Store) -> list:

@@ -220,7 +220,7 @@ class _GradCam:
 
     def __init__(self, base: Model, images: torch.Tensor) -> None:
         from fovea.compress._ort_cam import layer_aliases
-        from fovea.explain._cam import _net_maps, resolve_layer
+        from fovea.explain import net_maps, resolve_layer
 
         self.base, self.images = base, images
         self.layer_name, layer = resolve_layer(base.net, base.image_size, None)
@@ -229,7 +229,7 @@ class _GradCam:
         self.prepared = base.prepare(images)
         self.reference: Path | None = None  # the float32 ONNX export the int8 graphs came from
         self.maps: dict[str, np.ndarray] = {}
-        self.maps["fp32"] = _net_maps(base.net, self.prepared, self.targets, layer=layer, **self._kw())
+        self.maps["fp32"] = net_maps(base.net, self.prepared, self.targets, layer=layer, **self._kw())
 
     def _kw(self) -> dict[str, Any]:
         return {"method": "gradcam", "mean": self.base.mean, "std": self.base.std, "batch_size": 16}
@@ -240,12 +240,11 @@ class _GradCam:
 
         from fovea.compress._onnx import OnnxModel
         from fovea.compress._ort_cam import onnx_gradcam
-        from fovea.explain._cam import _net_maps
-        from fovea.explain._sanity import rank_correlation
+        from fovea.explain import net_maps, rank_correlation
 
         if isinstance(other, Model):
             net = copy.deepcopy(other.net).float().cpu()
-            maps = _net_maps(net, self.prepared, self.targets, layer=dict(net.named_modules())[self.layer_name],
+            maps = net_maps(net, self.prepared, self.targets, layer=dict(net.named_modules())[self.layer_name],
                              **self._kw())
         elif isinstance(other, OnnxModel):
             try:

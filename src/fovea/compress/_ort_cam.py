@@ -72,25 +72,15 @@ def layer_aliases(net: nn.Module, image_size: int, layer: str) -> list[str]:
     One forward pass of a blank image with hooks. A tensor changed in place in between (``x += shortcut``
     then an in-place ReLU, as in resnet) has a new version and is not the same output.
     """
+    from fovea.explain import blank_forward
+
     seen: list[tuple[str, torch.Tensor, int]] = []
 
-    def hook(name: str) -> Any:
-        def record(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor):
-                seen.append((name, out, out._version))  # _version: bumped by every in-place op
-        return record
+    def record(name: str, module: nn.Module, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            seen.append((name, out, out._version))  # _version: bumped by every in-place op
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules() if n]
-    device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            net(torch.zeros(1, 3, image_size, image_size, device=device))
-    finally:
-        net.train(was_training)
-        for h in handles:
-            h.remove()
+    blank_forward(net, image_size, record)
     target = next(((t, v) for n, t, v in seen if n == layer), None)
     if target is None:
         return [layer]

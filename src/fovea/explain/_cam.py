@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,19 +44,15 @@ class Explanation:
     layer: str
 
 
-def _spatial_outputs(net: nn.Module, image_size: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, output shape) of every module whose output is a 4-D map with more than one cell, in the
-    order they finish during one forward pass (a container finishes after its children)."""
-    found: list[tuple[str, tuple[int, ...]]] = []
-
+def blank_forward(net: nn.Module, image_size: int, on_output: Callable[[str, nn.Module, Any], None]) -> None:
+    """One forward pass of a blank image in eval mode with ``on_output(name, module, output)`` hooked on every
+    named module (called as each finishes: a container after its children); hooks and mode restored after."""
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1:
-                found.append((name, tuple(out.shape)))
+            on_output(name, module, out)
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules()
-               if n and not isinstance(m, _RESAMPLERS)]
+    handles = [m.register_forward_hook(hook(n)) for n, m in net.named_modules() if n]
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
@@ -67,6 +63,19 @@ def _spatial_outputs(net: nn.Module, image_size: int) -> list[tuple[str, tuple[i
         net.train(was_training)
         for h in handles:
             h.remove()
+
+
+def _spatial_outputs(net: nn.Module, image_size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape) of every module whose output is a 4-D map with more than one cell, in the
+    order they finish during one forward pass (a container finishes after its children)."""
+    found: list[tuple[str, tuple[int, ...]]] = []
+
+    def record(name: str, module: nn.Module, out: Any) -> None:
+        if (isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1
+                and not isinstance(module, _RESAMPLERS)):
+            found.append((name, tuple(out.shape)))
+
+    blank_forward(net, image_size, record)
     return found
 
 
