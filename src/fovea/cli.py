@@ -751,8 +751,16 @@ def serve_command(
                                                           "image bytes and model version; infer the rest.")] = False,
     db: Annotated[str | None, typer.Option("--db", envvar="FOVEA_DB", help="Database URL (default: the SQLite "
                                                                             "file in FOVEA_HOME).")] = None,
+    admin_token: Annotated[str | None, typer.Option(envvar="FOVEA_ADMIN_TOKEN", help="Enables /v1/admin/* (deploy, "
+                                                   "rollback) for 'Authorization: Bearer TOKEN'.")] = None,
+    poll: Annotated[float, typer.Option(help="Seconds between looks at the store (production alias, deployments, "
+                                             "canary steps).")] = 2.0,
 ) -> None:
-    """Serve a model over HTTP: /v1/predict, Open Inference Protocol v2 under /v2, Prometheus /metrics."""
+    """Serve a model over HTTP: /v1/predict, Open Inference Protocol v2 under /v2, Prometheus /metrics.
+
+    Served by registry name (NAME or NAME:production), the server follows the production alias and the
+    model's deployments (`fovea deploy`): shadow, canary and blue-green need no restart.
+    """
     import os
 
     import uvicorn
@@ -761,7 +769,9 @@ def serve_command(
 
     config = ServeConfig(model=model, db=db, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout, log_predictions=not no_log,
-                         hybrid=hybrid)
+                         hybrid=hybrid, admin_token=admin_token, poll_s=poll)
+    if poll <= 0:
+        raise FoveaError("--poll must be positive")
     os.environ[CONFIG_ENV] = config.to_json()
     _setup_logging()
     uvicorn.run("fovea.serve._app:app_from_env", factory=True, host=host, port=port, workers=workers,
@@ -894,6 +904,110 @@ def registry_alias(
         raise FoveaError(f"give NAME:VERSION (e.g. pets:3), not {ref!r}")
     v = registry.set_alias(name, int(version), alias, store=Store(db))
     typer.echo(f"{name}:{alias} -> {v.ref}")
+
+
+@app.command("deploy", epilog=_examples(
+    "fovea deploy pets:2 --strategy shadow",
+    "fovea deploy pets:2 --strategy canary --percent 10 --steps 10,25,50,100 --interval 10m",
+    "fovea deploy pets:2 --strategy canary --min-agreement 0.95 --max-p95-ratio 1.2",
+    "fovea deploy pets:2 --strategy blue-green"))
+def deploy_command(
+    ref: Annotated[str, typer.Argument(help="The candidate: NAME:VERSION or NAME:ALIAS of a registered model.")],
+    strategy: Annotated[str, typer.Option(help="shadow | canary | blue-green")],
+    percent: Annotated[float | None, typer.Option(help="canary: the first step's share of requests.")] = None,
+    steps: Annotated[str | None, typer.Option(help="canary: every step's share, rising to 100, e.g. 10,25,50,100.")] = None,
+    interval: Annotated[str, typer.Option(help="canary: how long each healthy step lasts (30s, 10m, 1h).")] = "10m",
+    max_error_rate: Annotated[float, typer.Option(help="Roll back when the candidate fails on more of its inputs.")] = 0.02,
+    max_p95_ratio: Annotated[float, typer.Option(help="... or its p95 latency exceeds this many times production's.")] = 1.5,
+    max_confidence_drop: Annotated[float, typer.Option(help="... or its mean confidence is this far below production's.")] = 0.10,
+    min_agreement: Annotated[float, typer.Option(help="... or it gives production's label to fewer of the same inputs.")] = 0.90,
+    min_samples: Annotated[int, typer.Option(help="Candidate answers needed before judging or stepping.")] = 50,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Roll out a new version beside production: every `fovea serve NAME` replica follows within seconds.
+
+    shadow: the candidate answers a copy of every request, users get production's answers; compare with
+    `fovea deployments`. canary: it answers a growing share (sticky per X-Client-Id), stepping after each
+    healthy interval and rolled back automatically on a regression. blue-green: loaded and warmed beside
+    production, then switched at once; `fovea rollback` switches back.
+    """
+    from fovea import deploy
+    from fovea.store import Store
+
+    plan = [float(p) for p in steps.split(",")] if steps else None
+    d = deploy.start(ref, strategy, percent=percent, steps=plan, interval_s=deploy.parse_duration(interval),
+                     thresholds={"max_error_rate": max_error_rate, "max_p95_ratio": max_p95_ratio,
+                                 "max_confidence_drop": max_confidence_drop, "min_agreement": min_agreement,
+                                 "min_samples": min_samples}, store=Store(db))
+    if as_json:
+        typer.echo(json.dumps(d.to_dict()))
+        return
+    typer.echo(f"deployment #{d.id}: {d.events[-1]['message'] if d.events else d.strategy}")
+    if d.strategy == "canary":
+        typer.echo(f"steps {', '.join(f'{p:g}' for p in d.steps)} % every {d.interval_s:g} s while healthy")
+    typer.echo(f"servers following {d.name} pick it up within seconds; watch it: fovea deployments {d.name}")
+
+
+@app.command("rollback", epilog=_examples("fovea rollback pets", "fovea rollback pets --reason 'complaints about dogs'"))
+def rollback_command(
+    name: Annotated[str, typer.Argument(help="The model's name.")],
+    reason: Annotated[str, typer.Option(help="Recorded with the rollback.")] = "rolled back by hand",
+    db: DbOption = None,
+) -> None:
+    """End the running deployment (production unchanged), or undo the last promotion."""
+    from fovea import deploy
+    from fovea.store import Store
+
+    d = deploy.rollback(name, reason=reason, store=Store(db))
+    typer.echo(f"deployment #{d.id} ({d.strategy} of {d.candidate.ref if d.candidate else '?'}): {d.state}; "
+               f"production is {deploy.production(name, Store(db)).ref}")
+
+
+@app.command("deployments", epilog=_examples("fovea deployments", "fovea deployments pets --json"))
+def deployments_command(
+    name: Annotated[str | None, typer.Argument(help="Only this model's deployments.")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Deployments, newest first: state, traffic share, and the running one's figures against production."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fovea import deploy
+    from fovea.store import Store
+
+    store = Store(db)
+    views = deploy.deployments(name, store=store, limit=limit)
+    rows = []
+    for d in views:
+        out = d.to_dict()
+        if d.state == "running":
+            out["figures"] = deploy.stats(d, store, since=d.step_started if d.strategy == "canary" else None)
+        rows.append(out)
+    if as_json:
+        typer.echo(json.dumps({"deployments": rows}))
+        return
+    if not rows:
+        typer.echo("no deployments yet; start one: fovea deploy NAME:VERSION --strategy canary")
+        return
+    table = Table(title=f"deployments in {store.safe_url}")
+    for h in ("#", "model", "strategy", "state", "candidate", "production", "share", "candidate figures", "why"):
+        table.add_column(h, overflow="fold")
+    for d, out in zip(views, rows):
+        f = out.get("figures") or {}
+        c = f.get("candidate") or {}
+        figures = "—"
+        if c:
+            agree = "—" if f.get("agreement") is None else f"{f['agreement']:.1%}"
+            p95 = "—" if c.get("p95_ms") is None else f"{c['p95_ms']:.1f} ms"
+            conf = "—" if c.get("mean_confidence") is None else f"{c['mean_confidence']:.3f}"
+            figures = f"n={c['n']} errors={c['errors']} agree={agree} p95={p95} conf={conf}"
+        share = {"shadow": "copy of 100 %", "canary": f"{d.percent:g} %", "blue-green": "switch"}[d.strategy]
+        table.add_row(str(d.id), d.name, d.strategy, d.state, out["candidate"] or "—", out["production"],
+                      share if d.state == "running" else "—", figures, d.reason or "")
+    Console().print(table)
 
 
 def main() -> None:

@@ -91,7 +91,8 @@ def _version(store: Store, row: ModelVersion) -> Version:
 
 
 def add(run: str | Path, name: str, *, alias: str | None = None, store: Store | None = None) -> Version:
-    """Register the model in ``run`` as the next version of ``name``; copy its files into FOVEA_HOME."""
+    """Register the model in ``run`` as the next version of ``name``; copy its files into FOVEA_HOME.
+    The first version of a name also becomes its ``production`` version."""
     from fovea.artifact import load
 
     store = store or Store()
@@ -123,6 +124,8 @@ def add(run: str | Path, name: str, *, alias: str | None = None, store: Store | 
             if attempt == 4:
                 raise FoveaError(f"could not register {name}: other processes keep taking the next version") from None
             continue
+        if version == 1:  # a model's first version is its production version until a deployment says otherwise
+            set_alias(name, version, "production", store=store)
         if alias:
             set_alias(name, version, alias, store=store)
         return _version(store, row)

@@ -38,7 +38,7 @@ def alembic_revision(store: Store) -> str | None:
 def test_a_new_sqlite_store_is_migrated_to_the_schema_of_the_code(fovea_home: Path) -> None:
     store = Store()
     assert store.url == f"sqlite:///{fovea_home / 'fovea.db'}" and (fovea_home / "fovea.db").exists()
-    assert alembic_revision(store) == "0001"
+    assert alembic_revision(store) == "0002"
     assert schema_differences(store) == []  # the migration creates exactly what the models describe
     Store()  # opening again is a no-op, not an error
 
@@ -46,7 +46,7 @@ def test_a_new_sqlite_store_is_migrated_to_the_schema_of_the_code(fovea_home: Pa
 def test_postgresql_store_is_migrated_and_holds_the_registry(postgres_url: str, run: Path) -> None:
     store = Store(postgres_url)
     assert store.engine.dialect.name == "postgresql"
-    assert alembic_revision(store) == "0001" and schema_differences(store) == []
+    assert alembic_revision(store) == "0002" and schema_differences(store) == []
     v = registry.add(run, "pg-pets", alias="production", store=store)
     again = registry.add(run, "pg-pets", store=store)
     assert (v.version, again.version) == (1, 2)
@@ -61,9 +61,8 @@ def test_add_makes_versions_copies_files_and_moves_aliases(run: Path, fovea_home
     assert (v1.version, v2.version) == (1, 2) and v2.aliases == ["candidate"]
     assert Path(v1.path) == fovea_home / "models" / "pets" / "1"
     assert sorted(p.name for p in Path(v1.path).iterdir()) == ["model.json", "model.safetensors"]  # no checkpoints
-    assert registry.resolve("pets").version == 2  # no production alias: the newest
-    registry.set_alias("pets", 1, "production")
-    assert registry.resolve("pets").version == 1 and registry.resolve("pets:candidate").version == 2
+    assert registry.resolve("pets").version == 1  # the first version became production; adding more does not move it
+    assert registry.versions("pets")[0].aliases == ["production"] and registry.resolve("pets:candidate").version == 2
     registry.set_alias("pets", 2, "production")  # an alias moves, it is not duplicated
     assert registry.resolve("pets:production").version == 2
     assert [x.aliases for x in registry.versions("pets")] == [[], ["candidate", "production"]]
@@ -102,3 +101,27 @@ def test_cli(run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     assert code == 2 and "NAME:VERSION" in err
     code, _, err = run_main(["registry", "show", "pets:9"], monkeypatch, capsys)
     assert code == 2 and "not in the registry" in err and "Traceback" not in err
+
+
+def test_a_database_at_the_first_schema_upgrades_with_its_rows(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    from fovea.store._store import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with create_engine(url).begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO model_versions (id, name, version, path, source, digest, runtime, classes, "
+                          "image_size, created) VALUES (1, 'm', 1, 'p', 's', 'd', 'torch', '[]', 32, '2026-01-01')"))
+        conn.execute(text("INSERT INTO deployments (id, name, strategy, state, production_id, percent, steps, step, "
+                          "interval_s, thresholds, created, updated) VALUES (1, 'm', 'shadow', 'stopped', 1, 0, '[]', "
+                          "0, 60, '{}', '2026-01-01', '2026-01-01')"))
+    store = Store(url)
+    assert alembic_revision(store) == "0002" and schema_differences(store) == []
+    with store.engine.connect() as conn:
+        assert conn.execute(text("SELECT step_started IS NOT NULL FROM deployments")).scalar() == 1

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fovea.errors import ImageError
-from fovea.serve._batcher import MicroBatcher
+from fovea.serve._fleet import Fleet, Route, Served
 
 log = logging.getLogger("fovea.serve")
 CONFIG_ENV = "FOVEA_SERVE_CONFIG"
@@ -57,9 +57,15 @@ class ServeConfig:
     timeout_s: float = 30.0
     log_predictions: bool = True
     hybrid: bool = False  # answer from precomputed batch predictions (same model version, same bytes) when stored
+    poll_s: float = 2.0  # how often the server follows the store (production alias, deployments, canary steps)
+    admin_token: str | None = None  # enables /v1/admin/*; sent as "Authorization: Bearer TOKEN"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+class ModelFailed(Exception):
+    """The model raised (or produced non-finite output) on a request's images."""
 
 
 class HTTPProblem(Exception):
@@ -68,28 +74,6 @@ class HTTPProblem(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
-
-
-@dataclass
-class Served:
-    """The model being served and how it is identified in answers and logs."""
-
-    name: str
-    version: int
-    model: Any  # a loaded artifact (Predictor or Ensemble)
-    batcher: MicroBatcher
-    digest: str = ""
-    ready: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _load(config: ServeConfig) -> tuple[str, int, Any, str]:
-    """(name, version, loaded model, digest) from a folder or the registry."""
-    from fovea import registry
-    from fovea.store import Store
-
-    store = None if (Path(config.model) / "model.json").exists() else Store(config.db)
-    return registry.open_model(config.model, config.device, store)
 
 
 class _Metrics:
@@ -111,6 +95,10 @@ class _Metrics:
                                    ["model_version"], registry=self.registry)
         self.log_dropped = Gauge("fovea_prediction_log_dropped", "Predictions not written to the store",
                                  registry=self.registry)
+        self.background = Counter("fovea_background_predictions", "Shadow and reference predictions (not answered)",
+                                  ["role", "model_version", "outcome"], registry=self.registry)
+        self.canary_percent = Gauge("fovea_canary_percent", "Share of requests the canary candidate answers",
+                                    ["model_version"], registry=self.registry)
 
 
 def _precomputed(store: Any, s: Served, blobs: list[bytes]) -> dict[int, dict[str, float]]:
@@ -152,43 +140,38 @@ def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tens
 def create_app(config: ServeConfig) -> Any:
     """The FastAPI application serving ``config.model``."""
     metrics = _metrics = _Metrics()
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"tasks": set()}  # tasks: shadow and reference predictions still running
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        import concurrent.futures
+        from fovea.artifact import META
+        from fovea.store import Store
 
-        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-infer")
-        loaded = await asyncio.get_running_loop().run_in_executor(executor, _load, config)  # on the inference thread
-        name, version, model, digest = loaded
-        version_label = str(version)
-
-        def forward(x: torch.Tensor) -> np.ndarray:
-            return model.predict_proba(x)
-
-        batcher = MicroBatcher(forward, config.max_batch_size, config.max_wait_ms,
-                               on_batch=lambda n: metrics.batch.labels(version_label).observe(n), executor=executor)
-        batcher.start()
-        served = Served(name, version, model, batcher, digest)
-        state["served"] = served
-        # Warm up before ready: the first batch of each size pays allocation and kernel selection.
-        for n in (1, config.max_batch_size):
-            await batcher.submit(torch.zeros(n, 3, model.image_size, model.image_size, dtype=torch.uint8))
-        if config.log_predictions or config.hybrid:
-            from fovea.store import Store
-
+        fleet = Fleet(config, on_batch=lambda version, n: metrics.batch.labels(version).observe(n))
+        state["fleet"] = fleet
+        is_folder = (Path(config.model) / META).exists()
+        if config.log_predictions or config.hybrid or not is_folder:
             state["store"] = await run_in_threadpool(Store, config.db)
+        await fleet.open(state.get("store"))
         if config.log_predictions:
             from fovea.serve._log import PredictionLog
 
             state["log"] = PredictionLog(state["store"])
-        served.ready = True
-        log.info("serving %s version %s (%d classes, %d px)", name, version, len(model.classes), model.image_size)
+        controller = asyncio.get_running_loop().create_task(fleet.run(config.poll_s)) if fleet.follows else None
+        state["ready"] = True
+        s = fleet.current
+        assert s is not None
+        log.info("serving %s version %s (%d classes, %d px)%s", s.name, s.version, len(s.model.classes),
+                 s.model.image_size, "; following its production alias and deployments" if fleet.follows else "")
         try:
             yield
         finally:
-            served.ready = False
-            await batcher.stop()
+            state["ready"] = False
+            if controller is not None:
+                controller.cancel()
+            for task in list(state["tasks"]):
+                task.cancel()
+            await fleet.close()
             if "log" in state:
                 await run_in_threadpool(state["log"].close)
 
@@ -197,14 +180,18 @@ def create_app(config: ServeConfig) -> Any:
                               "under /v2; Prometheus metrics at /metrics.")
 
     def served() -> Served:
-        s = state.get("served")
-        if s is None or not s.ready:
+        fleet = state.get("fleet")
+        if not state.get("ready") or fleet is None or fleet.current is None:
             raise HTTPProblem(503, "the model is still loading")
-        return s
+        return fleet.current  # type: ignore[no-any-return]
 
     @app.exception_handler(HTTPProblem)
     async def problem(request: Request, e: HTTPProblem) -> JSONResponse:
         return JSONResponse({"error": e.message}, status_code=e.status)
+
+    @app.exception_handler(ModelFailed)
+    async def model_failed(request: Request, e: ModelFailed) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -226,8 +213,10 @@ def create_app(config: ServeConfig) -> Any:
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        s = state.get("served")
-        version = str(s.version) if s else "none"
+        version = getattr(request.state, "model_version", None)
+        if version is None:
+            fleet = state.get("fleet")
+            version = str(fleet.current.version) if fleet and fleet.current else "none"
         if path not in ("/metrics",):
             metrics.requests.labels(path, str(response.status_code), version).inc()
             metrics.latency.labels(path, version).observe(time.perf_counter() - start)
@@ -280,45 +269,116 @@ def create_app(config: ServeConfig) -> Any:
         raise HTTPProblem(415, f"content type {ctype!r} is not an image; send image/*, application/octet-stream, "
                                "multipart/form-data or application/json with base64")
 
-    async def predict_blobs(s: Served, blobs: list[bytes]) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    async def predict_blobs(s: Served, blobs: list[bytes]) -> tuple[torch.Tensor, np.ndarray, list[int], list[tuple[int, str]]]:
+        """(decoded images, probabilities, indexes decoded, (index, reason) for the rest); ModelFailed if the model
+        itself fails."""
         if len(blobs) > config.max_images:
             raise HTTPProblem(413, f"{len(blobs)} images in one request; the limit is {config.max_images}")
         x, kept, bad = await run_in_threadpool(_decode, s.model, blobs, config.max_pixels)
         if not kept:
             reasons = "; ".join(f"#{i}: {r}" for i, r in bad)
             raise HTTPProblem(422, f"not a usable image: {reasons}" if len(blobs) > 1 else f"not a usable image: {bad[0][1]}")
+        probs = await run_model(s, x)
+        metrics.images.labels(str(s.version)).inc(len(kept))
+        return x, probs, kept, bad
+
+    async def run_model(s: Served, x: torch.Tensor) -> np.ndarray:
         try:
-            probs = await asyncio.wait_for(s.batcher.submit(x), config.timeout_s)
+            return await asyncio.wait_for(s.batcher.submit(x), config.timeout_s)
         except asyncio.TimeoutError as e:
             raise HTTPProblem(504, f"no answer within {config.timeout_s:g} s") from e
-        metrics.images.labels(str(s.version)).inc(len(kept))
-        return probs, kept, bad
+        except Exception as e:  # noqa: BLE001 - the model's own failure (a canary may fall back)
+            raise ModelFailed(f"{s.name}:{s.version} failed: {e}") from e
 
-    def record(s: Served, request_id: str, blobs: list[bytes], kept: list[int], probs: np.ndarray, latency_ms: float,
-               client: str | None) -> None:
+    def record(s: Served, request_id: str, blobs: list[bytes], kept: list[int], probs: np.ndarray | None,
+               latency_ms: float, client: str | None, role: str = "served", deployment_id: int | None = None,
+               error: str | None = None) -> None:
+        """Queue one row per image for the store (``probs`` None: the model failed on them, ``error`` says how)."""
         pl = state.get("log")
         if pl is None:
             return
         import hashlib
 
-        for i, p in zip(kept, probs):
-            j = int(p.argmax())
-            pl.put({"request_id": request_id, "model_name": s.name, "model_version": s.version, "label": s.model.classes[j],
-                    "confidence": float(p[j]), "probabilities": {c: float(v) for c, v in zip(s.model.classes, p)},
-                    "latency_ms": latency_ms, "fingerprint": hashlib.sha256(blobs[i]).hexdigest(), "client_id": client})
+        classes = s.model.classes
+        for k, i in enumerate(kept):
+            row: dict[str, Any] = {"request_id": request_id, "model_name": s.name, "model_version": s.version,
+                                   "role": role, "deployment_id": deployment_id, "latency_ms": latency_ms,
+                                   "fingerprint": hashlib.sha256(blobs[i]).hexdigest(), "client_id": client}
+            if probs is None:
+                row.update(label="", confidence=0.0, probabilities={}, error=error)
+            else:
+                p = probs[k]
+                j = int(p.argmax())
+                row.update(label=classes[j], confidence=float(p[j]),
+                           probabilities={c: float(v) for c, v in zip(classes, p)})
+            pl.put(row)
         metrics.log_dropped.set(pl.dropped)
 
+    def in_background(route: Route, blobs: list[bytes], x: torch.Tensor, kept: list[int], request_id: str,
+                      client: str | None) -> None:
+        """The shadow (or a canary's production reference) sees the same images; nobody waits for it."""
+        b = route.background
+        assert b is not None
+
+        async def work() -> None:
+            start = time.perf_counter()
+            xb, kept_b = x, kept
+            try:
+                if b.model.image_size != route.answer.model.image_size:
+                    xb, kept_b, _ = await run_in_threadpool(_decode, b.model, blobs, config.max_pixels)
+                probs = await run_model(b, xb)
+                record(b, request_id, blobs, kept_b, probs, (time.perf_counter() - start) * 1000, client,
+                       route.background_role, route.deployment_id)
+                outcome = "ok"
+            except (ModelFailed, HTTPProblem) as e:
+                record(b, request_id, blobs, kept_b, None, (time.perf_counter() - start) * 1000, client,
+                       route.background_role, route.deployment_id, error=str(e))
+                outcome = "error"
+            metrics.background.labels(route.background_role, str(b.version), outcome).inc()
+
+        task = asyncio.get_running_loop().create_task(work())
+        state["tasks"].add(task)
+        task.add_done_callback(state["tasks"].discard)
+
+    def overlays(s: Served, x: torch.Tensor, method: str) -> list[str]:
+        """Grad-CAM (or another method) over each image, as PNG data URLs; runs on the inference thread."""
+        import io
+
+        from PIL import Image
+
+        from fovea.explain import explain, overlay
+
+        e = explain(s.model, x, method=method)
+        urls = []
+        for img, heat in zip(x.permute(0, 2, 3, 1).numpy(), e.maps):
+            buf = io.BytesIO()
+            Image.fromarray(overlay(img, heat)).save(buf, format="PNG")
+            urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+        return urls
+
     @app.post("/v1/predict")
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request, explain: str | None = None) -> JSONResponse:
         start = time.perf_counter()
-        s = served()
+        served()
+        fleet: Fleet = state["fleet"]
+        client = request.headers.get("x-client-id")
+        route = fleet.route(client)
+        s = route.answer
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if explain is not None:
+            from fovea.explain import METHODS
+
+            if explain not in METHODS:
+                raise HTTPProblem(422, f"explain={explain!r}: choose one of {', '.join(METHODS)}")
+            if not hasattr(s.model, "net"):
+                raise HTTPProblem(422, f"{s.name}:{s.version} cannot be explained here: overlays need one PyTorch "
+                                       "network (not ONNX Runtime, torch.export or an ensemble)")
         blobs = await images_of(request)
         if len(blobs) > config.max_images:
             raise HTTPProblem(413, f"{len(blobs)} images in one request; the limit is {config.max_images}")
         results: list[dict[str, Any]] = [{} for _ in blobs]
         online = list(range(len(blobs)))
-        if config.hybrid:  # precomputed by `fovea batch` with this very model version: no inference needed
+        if config.hybrid and explain is None:  # precomputed by `fovea batch` with this very version: no inference
             stored = await run_in_threadpool(_precomputed, state["store"], s, blobs)
             for i, probabilities in stored.items():
                 label = max(probabilities, key=lambda c: probabilities[c])
@@ -326,10 +386,26 @@ def create_app(config: ServeConfig) -> Any:
                               "source": "batch"}
             online = [i for i in online if i not in stored]
             metrics.hybrid_hits.labels(str(s.version)).inc(len(stored))
-        probs, kept, bad = np.zeros((0, len(s.model.classes))), [], []
+        probs, kept, bad, x = np.zeros((0, len(s.model.classes))), [], [], None
         if online:
-            probs, kept_o, bad_o = await predict_blobs(s, [blobs[i] for i in online])
+            mine = [blobs[i] for i in online]
+            try:
+                x, probs, kept_o, bad_o = await predict_blobs(s, mine)
+            except ModelFailed as e:
+                if route.fallback is None:
+                    raise HTTPProblem(500, str(e)) from e
+                log.warning("%s; answered by %s:%s instead", e, route.fallback.name, route.fallback.version)
+                _, kept_e, _ = await run_in_threadpool(_decode, s.model, mine, config.max_pixels)
+                record(s, request_id, mine, kept_e, None, (time.perf_counter() - start) * 1000, client,
+                       deployment_id=route.deployment_id, error=str(e))
+                route = Route(route.fallback, route.deployment_id)
+                s = route.answer
+                x, probs, kept_o, bad_o = await predict_blobs(s, mine)
+            if route.background is not None:
+                in_background(route, mine, x, kept_o, request_id, client)
             kept, bad = [online[k] for k in kept_o], [(online[k], r) for k, r in bad_o]
+            record(s, request_id, mine, kept_o, probs, (time.perf_counter() - start) * 1000, client,
+                   deployment_id=route.deployment_id)
         latency_ms = (time.perf_counter() - start) * 1000
         for i, p in zip(kept, probs):
             j = int(p.argmax())
@@ -337,11 +413,17 @@ def create_app(config: ServeConfig) -> Any:
                           "probabilities": {c: float(v) for c, v in zip(s.model.classes, p)}}
             if config.hybrid:
                 results[i]["source"] = "online"
+        if explain is not None and x is not None:
+            urls = await asyncio.get_running_loop().run_in_executor(fleet.executor, overlays, s, x, explain)
+            for i, url in zip(kept, urls):
+                results[i]["overlay"] = url
         for i, reason in bad:
             results[i] = {"error": reason}
-        record(s, request_id, blobs, kept, probs, latency_ms, request.headers.get("x-client-id"))
+        request.state.model_version = str(s.version)
         body: dict[str, Any] = {"request_id": request_id, "model": s.name, "model_version": s.version,
                                 "predictions": results, "latency_ms": round(latency_ms, 3)}
+        if route.deployment_id is not None:
+            body["deployment_id"] = route.deployment_id
         if len(blobs) == 1:
             body.update(results[0])
         return JSONResponse(body, headers={"x-request-id": request_id})
@@ -352,8 +434,7 @@ def create_app(config: ServeConfig) -> Any:
 
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
-        s = state.get("served")
-        ok = bool(s and s.ready)
+        ok = bool(state.get("ready"))
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     def model_named(name: str) -> Served:
@@ -400,14 +481,14 @@ def create_app(config: ServeConfig) -> Any:
             if shape[0] > config.max_images:
                 raise HTTPProblem(413, f"{shape[0]} images in one request; the limit is {config.max_images}")
             x = torch.from_numpy(arr.astype(np.uint8).reshape(shape))
-            probs = await asyncio.wait_for(s.batcher.submit(x), config.timeout_s)
+            probs = await run_model(s, x)
             kept = list(range(shape[0]))
         elif dtype == "BYTES":
             try:
                 blobs = [base64.b64decode(d, validate=True) for d in data]
             except (binascii.Error, TypeError, ValueError) as e:
                 raise HTTPProblem(422, "BYTES data must be base64-encoded image files") from e
-            probs, kept, bad = await predict_blobs(s, blobs)
+            _, probs, kept, bad = await predict_blobs(s, blobs)
             if bad:
                 raise HTTPProblem(422, "; ".join(f"#{i}: {r}" for i, r in bad))
         else:
@@ -422,6 +503,95 @@ def create_app(config: ServeConfig) -> Any:
                                           "shape": [len(probs), len(s.model.classes)],
                                           "data": [float(v) for v in np.asarray(probs).ravel()]},
                                          {"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels}]})
+
+    # admin: the roll-out commands over HTTP, for a token holder --------------------------------------------------
+
+    def admin(request: Request) -> Any:
+        import hmac
+
+        if not config.admin_token:
+            raise HTTPProblem(403, "admin routes are off: start the server with --admin-token (or FOVEA_ADMIN_TOKEN)")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), config.admin_token.encode()):
+            raise HTTPProblem(401, "admin routes need the header 'Authorization: Bearer TOKEN'")
+        store = state.get("store")
+        if store is None:
+            raise HTTPProblem(409, "this server serves a model folder, not the registry: nothing to deploy")
+        return store
+
+    async def admin_call(fn: Any, *args: Any, **kw: Any) -> Any:
+        from fovea.errors import FoveaError
+
+        try:
+            result = await run_in_threadpool(fn, *args, **kw)
+        except FoveaError as e:
+            raise HTTPProblem(409, str(e)) from e
+        state["fleet"].wake.set()  # follow the change now, not at the next poll
+        return result
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            obj = json.loads(await read_body(request) or b"{}")
+        except ValueError as e:
+            raise HTTPProblem(422, "the body must be a JSON object") from e
+        if not isinstance(obj, dict):
+            raise HTTPProblem(422, "the body must be a JSON object")
+        return obj
+
+    def with_figures(d: Any, store: Any) -> dict[str, Any]:
+        from fovea import deploy
+
+        out: dict[str, Any] = d.to_dict()
+        if d.state == "running":
+            out["figures"] = deploy.stats(d, store, since=d.step_started if d.strategy == "canary" else None)
+        return out
+
+    @app.get("/v1/admin/deployments")
+    async def admin_deployments(request: Request, name: str | None = None) -> dict[str, Any]:
+        from fovea import deploy
+
+        store = admin(request)
+        views = await admin_call(deploy.deployments, name, store=store)
+        return {"deployments": [await run_in_threadpool(with_figures, d, store) for d in views]}
+
+    @app.post("/v1/admin/deploy")
+    async def admin_deploy(request: Request) -> JSONResponse:
+        """{"model": "pets:2", "strategy": "canary", "percent": 10, "steps": [10, 50, 100], "interval": "10m",
+        "thresholds": {"min_agreement": 0.9}}"""
+        from fovea import deploy
+
+        store = admin(request)
+        body = await json_body(request)
+        try:
+            kw = {"percent": body.get("percent"), "steps": body.get("steps"),
+                  "interval_s": deploy.parse_duration(body.get("interval", 600)), "thresholds": body.get("thresholds")}
+            ref, strategy = str(body["model"]), str(body["strategy"])
+        except KeyError as e:
+            raise HTTPProblem(422, f"missing {e.args[0]!r}: send {{\"model\": \"NAME:VERSION\", \"strategy\": ...}}") from e
+        except Exception as e:  # noqa: BLE001 - a FoveaError from parse_duration, a wrong type
+            raise HTTPProblem(422, str(e)) from e
+        d = await admin_call(deploy.start, ref, strategy, store=store, **kw)
+        return JSONResponse(d.to_dict(), status_code=201)
+
+    @app.post("/v1/admin/rollback")
+    async def admin_rollback(request: Request) -> dict[str, Any]:
+        """{"name": "pets", "reason": "..."}; the name defaults to the model this server serves."""
+        from fovea import deploy
+
+        store = admin(request)
+        body = await json_body(request)
+        name = str(body.get("name") or served().name)
+        d = await admin_call(deploy.rollback, name, reason=str(body.get("reason") or "rolled back over HTTP"),
+                             store=store)
+        return d.to_dict()  # type: ignore[no-any-return]
+
+    @app.get("/v1/admin/models")
+    async def admin_models(request: Request) -> dict[str, Any]:
+        from fovea import registry
+
+        store = admin(request)
+        versions = await admin_call(registry.versions, store=store)
+        return {"versions": [v.to_dict() for v in versions]}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

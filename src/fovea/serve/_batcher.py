@@ -43,14 +43,21 @@ class MicroBatcher:
         self._queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fovea-batcher")
 
-    async def stop(self) -> None:
+    async def stop(self, close_executor: bool = True) -> None:
+        """Stop taking requests (those still queued get an error); ``close_executor=False`` when it is shared."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._queue is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if not item.future.done():
+                    item.future.set_exception(RuntimeError("the model was unloaded"))
+        if close_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, images: torch.Tensor) -> np.ndarray:
         if self._queue is None:

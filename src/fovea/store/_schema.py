@@ -88,6 +88,21 @@ class Deployment(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)
+    step_started: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)  # the canary step's clock
+    ended: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DeploymentEvent(Base):
+    """What happened to a deployment and why: started, stepped, promoted, rolled back (with the figures)."""
+
+    __tablename__ = "deployment_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"), index=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    kind: Mapped[str] = mapped_column(String(20))  # started | step | promoted | rolled_back | stopped
+    message: Mapped[str] = mapped_column(Text)
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Prediction(Base):
@@ -101,7 +116,7 @@ class Prediction(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, index=True)
     model_name: Mapped[str] = mapped_column(String(200))
     model_version: Mapped[int] = mapped_column(Integer)
-    role: Mapped[str] = mapped_column(String(16), default="served")  # served | shadow
+    role: Mapped[str] = mapped_column(String(16), default="served")  # served | shadow | reference (see fovea.deploy)
     deployment_id: Mapped[int | None] = mapped_column(ForeignKey("deployments.id"), nullable=True)
     label: Mapped[str] = mapped_column(String(200))
     confidence: Mapped[float] = mapped_column(Float)
@@ -113,6 +128,7 @@ class Prediction(Base):
     job: Mapped[str | None] = mapped_column(String(200), nullable=True)
     input_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 little-endian
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the model failed on this input (label empty)
 
 
 class Feedback(Base):

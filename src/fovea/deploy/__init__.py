@@ -1,0 +1,23 @@
+"""Roll-outs: shadow, canary and blue-green deployments of a registered model, judged and rolled back."""
+
+from fovea.deploy._deploy import (
+    STRATEGIES,
+    Thresholds,
+    View,
+    active,
+    advance,
+    deployments,
+    judge,
+    parse_duration,
+    production,
+    promote,
+    refresh,
+    rollback,
+    start,
+    stats,
+    sticky_bucket,
+    takes_turn,
+)
+
+__all__ = ["STRATEGIES", "Thresholds", "View", "active", "advance", "deployments", "judge", "parse_duration",
+           "production", "promote", "refresh", "rollback", "start", "stats", "sticky_bucket", "takes_turn"]
