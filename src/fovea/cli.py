@@ -781,7 +781,8 @@ def serve_command(
 @app.command("batch", epilog=_examples(
     "fovea batch runs/pets photos/",
     "fovea batch pets:production uploads.csv --db postgresql://fovea@db/fovea --output preds.parquet",
-    "fovea batch pets photos/ --job nightly-2026-11-23"))
+    "fovea batch pets photos/ --job nightly-2026-11-23",
+    "fovea batch pets photos/ --engine ray --actors 8 --ray-address ray://head:10001"))
 def batch_command(
     model: Annotated[str, typer.Argument(help="A model folder, or a registry reference: NAME, NAME:VERSION, NAME:ALIAS.")],
     source: Annotated[Path, typer.Argument(help="A folder of images (searched recursively) or a CSV with a path column.")],
@@ -793,13 +794,19 @@ def batch_command(
     workers: Annotated[int, typer.Option(help="Decoding threads.")] = 4,
     output: Annotated[Path | None, typer.Option(help="Also write the job's rows to this Parquet file.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    engine: Annotated[str, typer.Option(help="local (threads here) | ray (Ray Data actors; pip install 'fovea[ray]').")] = "local",
+    actors: Annotated[int, typer.Option(help="--engine ray: model replicas (each loads the model).")] = 2,
+    ray_address: Annotated[str | None, typer.Option(help="--engine ray: the cluster (default: start a local "
+                                                         "Ray instance; 'auto': the one on this machine).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Predict every image into the database; killed and restarted, it loses and duplicates nothing."""
     from fovea.batch import run_batch
 
+    if actors < 1:
+        raise FoveaError("--actors must be at least 1")
     r = run_batch(model, source, db=db, job=job, batch_size=batch_size, workers=workers, device=device,
-                  output=output, progress=not as_json)
+                  output=output, progress=not as_json, engine=engine, actors=actors, ray_address=ray_address)
     if as_json:
         typer.echo(json.dumps(r.to_dict()))
         return

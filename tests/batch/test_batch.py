@@ -105,3 +105,31 @@ def test_unreadable_files_and_csv_inputs(run: Path, photos: Path, tmp_path: Path
         run_batch(str(run), tmp_path / "nowhere", db=url, progress=False)
     code, out, err = run_main(["batch", str(run), str(folder), "--db", url, "--job", "cli"], monkeypatch, capsys)
     assert code == 0 and "3 predicted" in out and "2 unreadable" in out and "broken.jpg" in err
+
+
+def test_ray_engine_matches_the_local_engine_and_resumes(run: Path, photos: Path, tmp_path: Path) -> None:
+    import ray
+
+    folder = tmp_path / "ray_inputs"
+    folder.mkdir()
+    for p in sorted((photos / "a").rglob("*.jpg"))[:40]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    local = run_batch(str(run), folder, db=url, job="local", batch_size=16, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)  # a local instance
+    try:
+        distributed = run_batch(str(run), folder, db=url, job="ray", batch_size=16, progress=False, engine="ray")
+        again = run_batch(str(run), folder, db=url, job="ray", batch_size=16, progress=False, engine="ray")
+    finally:
+        ray.shutdown()
+    assert (distributed.predicted, again.predicted, again.already_done) == (40, 0, 40)
+    assert distributed.unreadable == local.unreadable and distributed.unreadable[0][0] == "broken.jpg"
+    assert stored(url, "ray") == (40, 40)
+    with Store(url).session() as s:
+        rows = {(r.job, r.input_key): r for r in s.scalars(select(Prediction))}
+    for (job, key), r in rows.items():
+        if job == "ray":
+            twin = rows[("local", key)]
+            assert (r.label, r.fingerprint) == (twin.label, twin.fingerprint)
+            assert abs(r.probabilities["cat"] - twin.probabilities["cat"]) < 1e-5

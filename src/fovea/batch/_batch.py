@@ -1,8 +1,8 @@
 """``fovea batch MODEL DIR_OR_CSV --db URL``: every image's prediction stored in the database, exactly once.
 
 Each input gets a key (its path relative to the folder, or the CSV's ``path`` value) and the run a job name;
-``(job, input_key)`` is unique in the predictions table. A chunk of images is decoded on worker threads,
-predicted as one batch and written in one transaction with ON CONFLICT DO NOTHING, so a run killed at any
+``(job, input_key)`` is unique in the predictions table. A chunk of images is decoded on worker threads
+(or, with ``--engine ray``, decoded and predicted by Ray Data actors), predicted as one batch and written in one transaction with ON CONFLICT DO NOTHING, so a run killed at any
 moment (even ``kill -9``) loses at most the chunk in flight, and running the same command again predicts
 only the keys not yet stored: no lost rows, no duplicated rows.
 
@@ -101,15 +101,120 @@ def _insert(store: Store, rows: list[dict[str, Any]]) -> None:
         s.execute(insert(Prediction).on_conflict_do_nothing(index_elements=["job", "input_key"]), rows)
 
 
+# (input key, label, probabilities, fingerprint, milliseconds per image)
+Predicted = tuple[str, str, dict[str, float], str, float]
+# (inputs handled, predicted, (key, reason) unreadable)
+Chunk = tuple[int, list[Predicted], list[tuple[str, str]]]
+
+
+def _row(job: str, name: str, version: int, key: str, label: str, probabilities: dict[str, float],
+         fingerprint: str, ms: float) -> dict[str, Any]:
+    return {"request_id": hashlib.sha256(f"{job}\0{key}".encode()).hexdigest()[:32], "model_name": name,
+            "model_version": version, "label": label, "confidence": probabilities[label], "latency_ms": ms,
+            "fingerprint": fingerprint, "probabilities": probabilities, "source": "batch", "job": job,
+            "input_key": key, "role": "served"}
+
+
+def _predict(model: Any, decoded: list[tuple[str, np.ndarray | None, str, str]]) -> Chunk:
+    """Predict the decoded images of one chunk as one batch."""
+    ok = [(k, a, f) for k, a, f, _ in decoded if a is not None]
+    unreadable = [(k, r) for k, a, _, r in decoded if a is None]
+    out: list[Predicted] = []
+    if ok:
+        x = torch.from_numpy(np.stack([a for _, a, _ in ok]).transpose(0, 3, 1, 2).copy())
+        t0 = time.perf_counter()
+        probs = model.predict_proba(x)
+        ms = (time.perf_counter() - t0) * 1000 / len(ok)
+        for (key, _, fingerprint), p in zip(ok, probs):
+            out.append((key, model.classes[int(p.argmax())], {c: float(v) for c, v in zip(model.classes, p)},
+                        fingerprint, ms))
+    return len(decoded), out, unreadable
+
+
+def _local_chunks(model: Any, todo: list[tuple[str, Path]], *, batch_size: int, workers: int) -> Iterator[Chunk]:
+    """Decode on ``workers`` threads, predict in this process."""
+    with ThreadPoolExecutor(workers) as pool:
+        for chunk in _chunks(todo, batch_size):
+            yield _predict(model, list(pool.map(lambda it: _read(it, model.image_size), chunk)))
+
+
+class RayPredictor:
+    """A Ray Data actor: loads the model once, then decodes and predicts one batch of paths per call."""
+
+    def __init__(self, folder: str, device: str) -> None:
+        from fovea.artifact import load
+
+        self.model = load(folder, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+
+        decoded = [_read((str(k), Path(str(p))), self.model.image_size) for k, p in zip(batch["key"], batch["path"])]
+        _, ok, unreadable = _predict(self.model, decoded)
+        keys = [k for k, *_ in ok] + [k for k, _ in unreadable]
+        return {"key": np.array(keys, dtype=object),
+                "label": np.array([label for _, label, *_ in ok] + [""] * len(unreadable), dtype=object),
+                "probabilities": np.array([json.dumps(p) for _, _, p, _, _ in ok] + [""] * len(unreadable), dtype=object),
+                "fingerprint": np.array([f for *_, f, _ in ok] + [""] * len(unreadable), dtype=object),
+                "ms": np.array([ms for *_, ms in ok] + [0.0] * len(unreadable), dtype=np.float64),
+                "error": np.array([""] * len(ok) + [r for _, r in unreadable], dtype=object)}
+
+
+def _ray_chunks(folder: Path, todo: list[tuple[str, Path]], *, device: str, batch_size: int, actors: int,
+                address: str | None) -> Iterator[Chunk]:
+    """The same predictor as Ray Data actors (``map_batches``); rows come back here and are written as usual,
+    so idempotence and resuming do not depend on the cluster."""
+    import json
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core logs notices to the driver's stderr
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise FoveaError("--engine ray needs Ray: pip install 'fovea[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for noisy in ("ray", "ray.data"):  # Ray Data logs every execution plan, and notices, to the console
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # Fovea draws its own
+    ds = ray.data.from_items([{"key": k, "path": str(p)} for k, p in todo],
+                             override_num_blocks=max(1, min(len(todo) // batch_size, 200)))
+    predicted = ds.map_batches(RayPredictor, fn_constructor_kwargs={"folder": str(folder), "device": device},
+                               batch_size=batch_size, batch_format="numpy",
+                               compute=ray.data.ActorPoolStrategy(size=actors))
+    for b in predicted.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        ok: list[Predicted] = []
+        unreadable: list[tuple[str, str]] = []
+        for key, label, probs, fingerprint, ms, error in zip(b["key"], b["label"], b["probabilities"],
+                                                             b["fingerprint"], b["ms"], b["error"]):
+            if error:
+                unreadable.append((str(key), str(error)))
+            else:
+                ok.append((str(key), str(label), json.loads(probs), str(fingerprint), float(ms)))
+        yield len(b["key"]), ok, unreadable
+
+
 def run_batch(model: str, source: str | Path, *, db: str | None = None, job: str | None = None,
               batch_size: int = 64, workers: int = 4, device: str = "auto", output: str | Path | None = None,
-              progress: bool = True) -> BatchResult:
-    """Predict every image in ``source`` with ``model`` (a folder or a registry reference) into the store."""
-    from fovea import registry
+              progress: bool = True, engine: str = "local", actors: int = 2,
+              ray_address: str | None = None) -> BatchResult:
+    """Predict every image in ``source`` with ``model`` (a folder or a registry reference) into the store.
 
+    ``engine="ray"`` runs decoding and prediction as ``actors`` Ray Data actors on the cluster at
+    ``ray_address`` (None: a local Ray instance), each loading the model folder itself.
+    """
+    from fovea import registry
+    from fovea.artifact import META
+
+    if engine not in ("local", "ray"):
+        raise FoveaError(f"unknown engine {engine!r}: local or ray")
     source = Path(source)
     store = Store(db)
     name, version, loaded, _ = registry.open_model(model, device, store)
+    folder = Path(model) if (Path(model) / META).exists() else Path(registry.resolve(model, store=store).path)
     items = list_inputs(source)
     if not items:
         raise FoveaError(f"no image files in {source}")
@@ -123,28 +228,21 @@ def run_batch(model: str, source: str | Path, *, db: str | None = None, job: str
 
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not progress)
-    with bar, ThreadPoolExecutor(workers) as pool:
-        task = bar.add_task(f"batch {name}:{version}", total=len(todo))
-        for chunk in _chunks(todo, batch_size):
-            decoded = list(pool.map(lambda it: _read(it, loaded.image_size), chunk))
-            ok = [(k, a, f) for k, a, f, _ in decoded if a is not None]
-            result.unreadable += [(k, r) for k, a, _, r in decoded if a is None]
+    with bar:
+        task = bar.add_task(f"batch {name}:{version}" + (" on Ray" if engine == "ray" else ""), total=len(todo))
+        if engine == "ray":
+            chunks = _ray_chunks(folder, todo, device=device, batch_size=batch_size, actors=actors,
+                                 address=ray_address)
+        else:
+            chunks = _local_chunks(loaded, todo, batch_size=batch_size, workers=workers)
+        for done_keys, ok, unreadable in chunks:
+            result.unreadable += unreadable
             if ok:
-                x = torch.from_numpy(np.stack([a for _, a, _ in ok]).transpose(0, 3, 1, 2).copy())
-                t0 = time.perf_counter()
-                probs = loaded.predict_proba(x)
-                ms = (time.perf_counter() - t0) * 1000 / len(ok)
-                rows = []
-                for (key, _, fingerprint), p in zip(ok, probs):
-                    j = int(p.argmax())
-                    rows.append({"request_id": hashlib.sha256(f"{job}\0{key}".encode()).hexdigest()[:32],
-                                 "model_name": name, "model_version": version, "label": loaded.classes[j],
-                                 "confidence": float(p[j]), "latency_ms": ms, "fingerprint": fingerprint,
-                                 "probabilities": {c: float(v) for c, v in zip(loaded.classes, p)},
-                                 "source": "batch", "job": job, "input_key": key, "role": "served"})
+                rows = [_row(job, name, version, key, label, probabilities, fingerprint, ms)
+                        for key, label, probabilities, fingerprint, ms in ok]
                 _insert(store, rows)
                 result.predicted += len(rows)
-            bar.advance(task, len(chunk))
+            bar.advance(task, done_keys)
     result.seconds = round(time.perf_counter() - start, 2)
     if output is not None:
         result.output = str(export_parquet(store, job, Path(output)))
