@@ -733,6 +733,8 @@ def export_command(
 @app.command("serve", epilog=_examples(
     "fovea serve runs/pets",
     "fovea serve pets:production --port 8080 --workers 2",
+    "FOVEA_ADMIN_TOKEN=$(openssl rand -hex 16) fovea serve pets --db postgresql://fovea@db/fovea",
+    "curl -s --data-binary @cat.jpg 'localhost:8000/v1/predict?explain=gradcam'",
     "curl -s --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/predict",
     "curl -s -F file=@cat.jpg -F file=@dog.png localhost:8000/v1/predict"))
 def serve_command(

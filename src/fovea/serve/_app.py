@@ -1,7 +1,8 @@
 """``fovea serve``: the online prediction server (FastAPI + uvicorn).
 
 Routes:
-    POST /v1/predict                    raw image bytes, multipart upload (one or many files) or JSON base64
+    POST /v1/predict[?explain=gradcam]  raw image bytes, multipart upload (one or many files) or JSON base64
+    GET  /v1/admin/models, /v1/admin/deployments; POST /v1/admin/deploy, /v1/admin/rollback (bearer token)
     GET  /v2/health/live, /v2/health/ready          Open Inference Protocol v2 (KServe, Triton clients)
     GET  /v2/models/{name}, /v2/models/{name}/ready
     POST /v2/models/{name}/infer        UINT8 tensors (N, 3, S, S) or BYTES (encoded image files)
@@ -10,7 +11,8 @@ Routes:
 Every answer that is not a prediction is a JSON ``{"error": ...}`` with a 4xx status: a non-image is 415 or
 422, a body over the limit 413, a decompression bomb 422, a timeout 504. Decoding runs on worker threads,
 inference on one thread fed by the micro-batcher, logging to the store on another; the event loop only
-routes. The model is loaded and warmed up (a batch of 1 and a full batch) before /v2/health/ready says yes.
+routes. Which version answers (production, a canary, a shadow behind it) is the ``Fleet``'s business
+(``_fleet.py``), following the deployments in the store. The model is loaded and warmed up (a batch of 1 and a full batch) before /v2/health/ready says yes.
 """
 
 from __future__ import annotations
