@@ -214,6 +214,11 @@ class Predictor:
             return np.zeros((0, len(self.classes)), np.float32)
         return self.logits(images).softmax(1).numpy()
 
+    def predict_proba_embed(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and the penultimate-layer embedding (N, D), for drift monitoring; None where the runtime
+        does not expose it (ONNX Runtime, torch.export)."""
+        return self.predict_proba(images), None
+
     def predict(self, paths: Sequence[str | Path]) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """Predict files; returns (predictions, [(path, reason)] for files that could not be read)."""
         x, kept, bad = self.load_images(paths)
@@ -270,6 +275,32 @@ class Model(Predictor):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return infer(self.net, images, mean=self.mean, std=self.std, device=self.device, amp=self.amp, dtype=self.dtype)
+
+    def _classifier(self) -> nn.Module | None:
+        getter = getattr(self.net, "get_classifier", None)
+        head = getter() if callable(getter) else None
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+        linears = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else None
+
+    def predict_proba_embed(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and the classifier's input (the penultimate layer, timm's ``pre_logits``) in one pass."""
+        head = self._classifier()
+        if head is None or len(images) == 0:
+            return self.predict_proba(images), None
+        seen: list[torch.Tensor] = []
+
+        def grab(module: nn.Module, args: Any, out: Any) -> None:
+            seen.append(args[0].detach().float().reshape(len(args[0]), -1).cpu())
+
+        handle = head.register_forward_hook(grab)
+        try:
+            probs = self.predict_proba(images)
+        finally:
+            handle.remove()
+        # with TTA the network saw the images, then their mirrors: the first N rows are the images themselves
+        return probs, torch.cat(seen)[: len(images)].numpy()
 
 
 def _read_steps(path: Path, spec: Any) -> list[Any]:

@@ -120,9 +120,12 @@ def _precomputed(store: Any, s: Served, blobs: list[bytes]) -> dict[int, dict[st
     return {i: {k: float(v) for k, v in found[f].items()} for i, f in enumerate(prints) if f in found}
 
 
-def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
-    """Decode and resize with the model's preprocessing; (images, kept indexes, (index, reason))."""
+def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tensor, list[int], list[tuple[int, str]],
+                                                                     np.ndarray]:
+    """Decode and resize with the model's preprocessing; (images, kept indexes, (index, reason), image statistics
+    of the kept images for drift monitoring)."""
     from fovea.data import load_square
+    from fovea.monitor import header_size, image_stats
 
     arrays, kept, bad = [], [], []
     for i, blob in enumerate(blobs):
@@ -135,8 +138,9 @@ def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tens
         except ImageError as e:
             bad.append((i, e.reason))
     if not arrays:
-        return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad
-    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy()), kept, bad
+        return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad, np.zeros((0, 7))
+    x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+    return x, kept, bad, image_stats(x, [header_size(blobs[i]) for i in kept])
 
 
 def create_app(config: ServeConfig) -> Any:
@@ -276,24 +280,30 @@ def create_app(config: ServeConfig) -> Any:
         raise HTTPProblem(415, f"content type {ctype!r} is not an image; send image/*, application/octet-stream, "
                                "multipart/form-data or application/json with base64")
 
-    async def decode(model: Any, blobs: list[bytes]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+    async def decode(model: Any, blobs: list[bytes]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]], np.ndarray]:
         # A pool of its own, one thread per core: decoding on the 40 threads of the default pool gave glibc a
         # malloc arena per thread, each keeping freed image buffers (resident memory grew through a soak).
         return await asyncio.get_running_loop().run_in_executor(state["decoders"], _decode, model, blobs,
                                                                 config.max_pixels)
 
-    async def predict_blobs(s: Served, blobs: list[bytes]) -> tuple[torch.Tensor, np.ndarray, list[int], list[tuple[int, str]]]:
-        """(decoded images, probabilities, indexes decoded, (index, reason) for the rest); ModelFailed if the model
-        itself fails."""
+    async def predict_blobs(s: Served, blobs: list[bytes]) -> tuple[torch.Tensor, np.ndarray, list[int],
+                                                                    list[tuple[int, str]], dict[str, Any]]:
+        """(decoded images, probabilities, indexes decoded, (index, reason) for the rest, what drift monitoring
+        keeps: embeddings and image statistics); ModelFailed if the model itself fails."""
         if len(blobs) > config.max_images:
             raise HTTPProblem(413, f"{len(blobs)} images in one request; the limit is {config.max_images}")
-        x, kept, bad = await decode(s.model, blobs)
+        x, kept, bad, stats = await decode(s.model, blobs)
         if not kept:
             reasons = "; ".join(f"#{i}: {r}" for i, r in bad)
             raise HTTPProblem(422, f"not a usable image: {reasons}" if len(blobs) > 1 else f"not a usable image: {bad[0][1]}")
-        probs = await run_model(s, x)
+        probs, emb = split(s, await run_model(s, x))
         metrics.images.labels(str(s.version)).inc(len(kept))
-        return x, probs, kept, bad
+        return x, probs, kept, bad, {"embeddings": emb, "stats": stats}
+
+    def split(s: Served, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The forward pass returns probabilities and, where the model exposes it, the embedding, side by side."""
+        c = len(s.model.classes)
+        return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
 
     async def run_model(s: Served, x: torch.Tensor) -> np.ndarray:
         try:
@@ -305,8 +315,9 @@ def create_app(config: ServeConfig) -> Any:
 
     def record(s: Served, request_id: str, blobs: list[bytes], kept: list[int], probs: np.ndarray | None,
                latency_ms: float, client: str | None, role: str = "served", deployment_id: int | None = None,
-               error: str | None = None) -> None:
-        """Queue one row per image for the store (``probs`` None: the model failed on them, ``error`` says how)."""
+               error: str | None = None, seen: dict[str, Any] | None = None) -> None:
+        """Queue one row per image for the store (``probs`` None: the model failed on them, ``error`` says how;
+        ``seen``: embeddings and image statistics, row for row with ``kept``)."""
         pl = state.get("log")
         if pl is None:
             return
@@ -324,6 +335,11 @@ def create_app(config: ServeConfig) -> Any:
                 j = int(p.argmax())
                 row.update(label=classes[j], confidence=float(p[j]),
                            probabilities={c: float(v) for c, v in zip(classes, p)})
+            if seen is not None:
+                if seen.get("embeddings") is not None:
+                    row["embedding"] = np.asarray(seen["embeddings"][k], "<f4").tobytes()
+                if seen.get("stats") is not None and k < len(seen["stats"]):
+                    row["image_stats"] = [round(float(v), 5) for v in seen["stats"][k]]
             pl.put(row)
         metrics.log_dropped.set(pl.dropped)
 
@@ -338,8 +354,8 @@ def create_app(config: ServeConfig) -> Any:
             xb, kept_b = x, kept
             try:
                 if b.model.image_size != route.answer.model.image_size:
-                    xb, kept_b, _ = await decode(b.model, blobs)
-                probs = await run_model(b, xb)
+                    xb, kept_b, _, _ = await decode(b.model, blobs)
+                probs, _ = split(b, await run_model(b, xb))
                 record(b, request_id, blobs, kept_b, probs, (time.perf_counter() - start) * 1000, client,
                        route.background_role, route.deployment_id)
                 outcome = "ok"
@@ -403,22 +419,22 @@ def create_app(config: ServeConfig) -> Any:
         if online:
             mine = [blobs[i] for i in online]
             try:
-                x, probs, kept_o, bad_o = await predict_blobs(s, mine)
+                x, probs, kept_o, bad_o, seen = await predict_blobs(s, mine)
             except ModelFailed as e:
                 if route.fallback is None:
                     raise HTTPProblem(500, str(e)) from e
                 log.warning("%s; answered by %s:%s instead", e, route.fallback.name, route.fallback.version)
-                _, kept_e, _ = await decode(s.model, mine)
+                _, kept_e, _, _ = await decode(s.model, mine)
                 record(s, request_id, mine, kept_e, None, (time.perf_counter() - start) * 1000, client,
                        deployment_id=route.deployment_id, error=str(e))
                 route = Route(route.fallback, route.deployment_id)
                 s = route.answer
-                x, probs, kept_o, bad_o = await predict_blobs(s, mine)
+                x, probs, kept_o, bad_o, seen = await predict_blobs(s, mine)
             if route.background is not None:
                 in_background(route, mine, x, kept_o, request_id, client)
             kept, bad = [online[k] for k in kept_o], [(online[k], r) for k, r in bad_o]
             record(s, request_id, mine, kept_o, probs, (time.perf_counter() - start) * 1000, client,
-                   deployment_id=route.deployment_id)
+                   deployment_id=route.deployment_id, seen=seen)
         latency_ms = (time.perf_counter() - start) * 1000
         for i, p in zip(kept, probs):
             j = int(p.argmax())
@@ -494,14 +510,14 @@ def create_app(config: ServeConfig) -> Any:
             if shape[0] > config.max_images:
                 raise HTTPProblem(413, f"{shape[0]} images in one request; the limit is {config.max_images}")
             x = torch.from_numpy(arr.astype(np.uint8).reshape(shape))
-            probs = await run_model(s, x)
+            probs, _ = split(s, await run_model(s, x))
             kept = list(range(shape[0]))
         elif dtype == "BYTES":
             try:
                 blobs = [base64.b64decode(d, validate=True) for d in data]
             except (binascii.Error, TypeError, ValueError) as e:
                 raise HTTPProblem(422, "BYTES data must be base64-encoded image files") from e
-            _, probs, kept, bad = await predict_blobs(s, blobs)
+            _, probs, kept, bad, _ = await predict_blobs(s, blobs)
             if bad:
                 raise HTTPProblem(422, "; ".join(f"#{i}: {r}" for i, r in bad))
         else:

@@ -54,11 +54,17 @@ class Route:
 
 
 def _forward(model: Any) -> Any:
+    """uint8 images -> probabilities (N, C), followed by the penultimate embedding (N, D) where the model has one
+    (kept for drift monitoring; the server splits the columns)."""
     def forward(x: torch.Tensor) -> np.ndarray:
-        probs = np.asarray(model.predict_proba(x))
+        if hasattr(model, "predict_proba_embed"):
+            probs, emb = model.predict_proba_embed(x)
+        else:
+            probs, emb = model.predict_proba(x), None
+        probs = np.asarray(probs, np.float32)
         if not np.isfinite(probs).all():  # a broken model must fail loudly, not answer NaN
             raise FoveaError("the model produced non-finite probabilities")
-        return probs
+        return probs if emb is None else np.concatenate([probs, np.asarray(emb, np.float32)], 1)
     return forward
 
 

@@ -129,6 +129,7 @@ class Prediction(Base):
     input_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 little-endian
     error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the model failed on this input (label empty)
+    image_stats: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # fovea.monitor.STATS, in order
 
 
 class Feedback(Base):

@@ -494,6 +494,8 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
                  "counts": ds.counts(), "quarantined": len(quarantined)},
     }
     save_artifact(run, fit.model, meta)
+    if len(val_set):
+        _save_reference(run, val_set, fit.device)
     looks = looks_at(fit.model, val_set.images, val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes,
                      val_set.paths, mean=mean, std=std) if len(val_set) else None
     write_report(run / "report.html", title=f"{cfg.model} on {Path(cfg.data).name}", meta=meta, metrics=metrics,
@@ -504,6 +506,19 @@ def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantin
     (run / "metrics.json").write_text(json.dumps({**metrics, "quarantined": quarantined}, indent=2, default=float))
     log.info("run folder: %s", run)
     return run
+
+
+def _save_reference(run: Path, val_set: ImageSet, device: torch.device) -> None:
+    """reference.npz beside the weights: what the validation images looked like to the saved artifact (through
+    ``fovea.load``, as serving will see them), for ``fovea drift``."""
+    from fovea.artifact import load
+    from fovea.monitor import build_reference, header_size, save_reference
+
+    clock = time.perf_counter()
+    model = load(run, str(device))
+    sizes = [header_size(p) for p in val_set.paths]
+    save_reference(run, build_reference(model, val_set.images, sizes, val_set.labels.numpy()))
+    log.info("drift reference: %d validation images in %.1f s", min(len(val_set), 2000), time.perf_counter() - clock)
 
 
 def config_fields() -> list[str]:
