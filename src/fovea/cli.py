@@ -757,6 +757,10 @@ def serve_command(
                                                    "rollback) for 'Authorization: Bearer TOKEN'.")] = None,
     poll: Annotated[float, typer.Option(help="Seconds between looks at the store (production alias, deployments, "
                                              "canary steps).")] = 2.0,
+    drift_every: Annotated[str, typer.Option(help="How often to test the newest answers for drift (10m; 0: never). "
+                                                  "Results: /metrics, the log, FOVEA_HOME/drift/.")] = "10m",
+    drift_window: Annotated[int, typer.Option(help="How many of the newest answers each drift check tests.")] = 500,
+    drift_webhook: Annotated[str | None, typer.Option(help="POST each drift alert as JSON to this URL.")] = None,
 ) -> None:
     """Serve a model over HTTP: /v1/predict, Open Inference Protocol v2 under /v2, Prometheus /metrics.
 
@@ -767,11 +771,13 @@ def serve_command(
 
     import uvicorn
 
+    from fovea.deploy import parse_duration
     from fovea.serve._app import CONFIG_ENV, ServeConfig
 
     config = ServeConfig(model=model, db=db, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout, log_predictions=not no_log,
-                         hybrid=hybrid, admin_token=admin_token, poll_s=poll)
+                         hybrid=hybrid, admin_token=admin_token, poll_s=poll,
+                         drift_every_s=parse_duration(drift_every), drift_window=drift_window, drift_webhook=drift_webhook)
     if poll <= 0:
         raise FoveaError("--poll must be positive")
     os.environ[CONFIG_ENV] = config.to_json()
@@ -1017,6 +1023,98 @@ def deployments_command(
         table.add_row(str(d.id), d.name, d.strategy, d.state, out["candidate"] or "—", out["production"],
                       share if d.state == "running" else "—", figures, d.reason or "")
     Console().print(table)
+
+
+@app.command("drift", epilog=_examples(
+    "fovea drift --model pets                      # the newest 500 answers of pets's production version",
+    "fovea drift --model pets:3 --since 1h --report drift.html --webhook https://hooks.example/fovea",
+    "fovea drift --model runs/pets --data uploads/2026-11-23/",
+    "fovea drift --model runs/old --build-reference data/pets/val"))
+def drift_command(
+    model: Annotated[str, typer.Option(help="A registry reference (NAME, NAME:VERSION, NAME:ALIAS) or a model folder.")],
+    window: Annotated[int, typer.Option(help="The newest N answers in the store form the window.")] = 500,
+    since: Annotated[str | None, typer.Option(help="Instead: every answer of the last 30m, 6h, ...")] = None,
+    data: Annotated[Path | None, typer.Option(help="Instead of the store: a folder of images to test.")] = None,
+    alpha: Annotated[float, typer.Option(help="Significance level of the whole check (families corrected).")] = 0.05,
+    permutations: Annotated[int, typer.Option(help="Permutations of the MMD test.")] = 1000,
+    report: Annotated[Path | None, typer.Option(help="Write the HTML report here.")] = None,
+    webhook: Annotated[str | None, typer.Option(help="POST the result as JSON here when drift is found.")] = None,
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 3 when drift is found (for cron).")] = False,
+    build_reference: Annotated[Path | None, typer.Option(help="Save a reference for a model folder that has none, "
+                                                               "from these validation images (CLASS/* folders).")] = None,
+    db: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Is recent traffic still like the data the model was validated on? And, with feedback, is it still right?
+
+    Tests a window (from the store, or --data) against the reference saved at training: MMD and per-component
+    KS on penultimate-layer embeddings, KS on image statistics, chi-square on predicted labels, KS on
+    confidence; with feedback, accuracy and calibration against validation.
+    """
+    from datetime import timedelta
+
+    import numpy as np
+
+    from fovea import registry
+    from fovea.artifact import META, load
+    from fovea.data._io import IMAGE_EXTENSIONS
+    from fovea.monitor import build_reference as build
+    from fovea.monitor import header_size, save_reference
+    from fovea.monitor._report import write_drift_report
+    from fovea.monitor._watch import alert, check, window_from_files, window_from_store
+
+    folder = Path(model)
+    if (folder / META).exists():
+        name, version, path = folder.resolve().name, 0, folder
+    else:
+        from fovea.store import Store
+
+        v = registry.resolve(model, store=Store(db))
+        name, version, path = v.name, v.version, Path(v.path)
+    loaded = load(path, "cpu")
+    if build_reference is not None:
+        if version:
+            raise FoveaError("a registered version's files are sealed by their digest; build the reference in the run "
+                             "folder, then register it again")
+        files = sorted(p for p in build_reference.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        x, kept, bad = loaded.load_images(files)
+        index = {c: i for i, c in enumerate(loaded.classes)}
+        labels = np.array([index.get(files[i].parent.name, -1) for i in kept])
+        out = save_reference(path, build(loaded, x, [header_size(files[i]) for i in kept], labels))
+        typer.echo(f"reference of {len(kept)} images saved: {out}" + (f" ({len(bad)} unreadable)" if bad else ""))
+        return
+    unreadable: list[tuple[str, str]] = []
+    if data is not None:
+        files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise FoveaError(f"no image files in {data}")
+        w, unreadable = window_from_files(loaded, files)
+    else:
+        from fovea.deploy import parse_duration
+        from fovea.store import Store
+
+        span = timedelta(seconds=parse_duration(since)) if since else None
+        w = window_from_store(Store(db), name, version, list(loaded.classes), last=None if span else window, since=span)
+    result = check(loaded, path, name, version, w, alpha=alpha, permutations=permutations)
+    result.unreadable = unreadable
+    alert(result, webhook)
+    if report is not None:
+        from fovea.monitor import load_reference
+
+        write_drift_report(report, result, load_reference(path))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), default=float))
+    else:
+        typer.echo(result.summary())
+        for t in result.drift.tests:
+            mark = "  <- drift" if t.p_value < alpha else ""
+            typer.echo(f"  {t.family:14} p = {t.p_value:.3g}{mark}")
+        for fam, why in result.drift.skipped.items():
+            typer.echo(f"  {fam:14} not run: {why}")
+        if report is not None:
+            typer.echo(f"report: {report}")
+    if fail_on_drift and result.alert:
+        raise typer.Exit(3)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from fovea.monitor._reference import Sample
-from fovea.monitor._stats import STATS
+from fovea.monitor._stats import SQUARE, STATS
 
 FAMILIES = ("embedding_mmd", "embedding_ks", "image_stats", "label_shift", "confidence")
 
@@ -145,7 +145,7 @@ def detect(reference: Sample, window: Sample, classes: list[str], *, alpha: floa
         b = ((window.embeddings.astype(np.float64) - mean) @ proj) / sd
         stat, p = mmd_permutation_test(a, b, permutations, seed)
         tests.append(Test("embedding_mmd", p, stat, {"components": proj.shape[1], "permutations": permutations}))
-        ks = _ks_family(scale, b, [f"pc{i + 1}" for i in range(proj.shape[1])])
+        ks = _ks_family(scale / sd, b, [f"pc{i + 1}" for i in range(proj.shape[1])])
         if ks is not None:
             ks.family = "embedding_ks"
             tests.append(ks)
@@ -154,8 +154,8 @@ def detect(reference: Sample, window: Sample, classes: list[str], *, alpha: floa
         skipped["embedding_mmd"] = skipped["embedding_ks"] = why + " (an ONNX or torch.export model exposes none)"
 
     names = list(STATS)
-    usable = [j for j in range(len(names)) if (window.stats[:, j] > 0).any() or names[j] in ("brightness", "contrast",
-                                                                                              "colourfulness", "sharpness")]
+    # the header's width, height and aspect are 0 where they were not recorded
+    usable = [j for j in range(len(names)) if j < SQUARE or (window.stats[:, j] > 0).any()]
     img = _ks_family(reference.stats[:, usable], window.stats[:, usable], [names[j] for j in usable])
     if img is not None:
         img.family = "image_stats"
@@ -167,7 +167,7 @@ def detect(reference: Sample, window: Sample, classes: list[str], *, alpha: floa
     chi = chisquare(observed, expected_p / expected_p.sum() * observed.sum())
     tests.append(Test("label_shift", float(chi.pvalue), float(chi.statistic),
                       {"reference": {k: round(float(v), 4) for k, v in zip(classes, expected_p / expected_p.sum())},
-                       "window": {k: round(float(v) / max(1, observed.sum()), 4) for k, v in zip(classes, observed)}}))
+                       "window": {k: round(float(v) / max(1, int(observed.sum())), 4) for k, v in zip(classes, observed)}}))
 
     conf = ks_2samp(reference.confidence, window.confidence)
     tests.append(Test("confidence", float(conf.pvalue), float(conf.statistic),

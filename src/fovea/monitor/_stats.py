@@ -12,15 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STATS = ("brightness", "contrast", "colourfulness", "sharpness", "width", "height", "aspect")
+STATS = ("brightness", "contrast", "colourfulness", "red_green", "yellow_blue", "sharpness", "width", "height", "aspect")
+SQUARE = 6  # the first six come from the pixels, the last three from the header
 
 
 def square_stats(images: torch.Tensor) -> np.ndarray:
-    """(N, 4) brightness, contrast, colourfulness, sharpness of uint8 (N, 3, S, S) images.
+    """(N, 6) brightness, contrast, colourfulness, red_green, yellow_blue, sharpness of uint8 (N, 3, S, S) images.
 
     brightness and contrast: mean and standard deviation of the luma, in [0, 1]; colourfulness: Hasler and
-    Süsstrunk (2003) on the RGB channels; sharpness: log(1 + variance of the Laplacian) of the luma (drops
-    when an image is blurred).
+    Süsstrunk (2003) on the RGB channels; red_green and yellow_blue: the mean of their opponent channels
+    (a colour cast or swapped channels moves them); sharpness: log(1 + variance of the Laplacian) of the
+    luma (drops when an image is blurred).
     """
     import cv2
 
@@ -31,7 +33,8 @@ def square_stats(images: torch.Tensor) -> np.ndarray:
     colourfulness = (np.sqrt(rg.std((1, 2)) ** 2 + yb.std((1, 2)) ** 2)
                      + 0.3 * np.sqrt(rg.mean((1, 2)) ** 2 + yb.mean((1, 2)) ** 2))
     sharpness = np.array([np.log1p(cv2.Laplacian(y.astype(np.float32), cv2.CV_32F).var() * 255 ** 2) for y in luma])
-    return np.stack([luma.mean((1, 2)), luma.std((1, 2)), colourfulness, sharpness], 1).astype(np.float32)
+    return np.stack([luma.mean((1, 2)), luma.std((1, 2)), colourfulness, rg.mean((1, 2)), yb.mean((1, 2)), sharpness],
+                    1).astype(np.float32)
 
 
 def header_size(source: bytes | str | Path) -> tuple[int, int]:
@@ -46,8 +49,8 @@ def header_size(source: bytes | str | Path) -> tuple[int, int]:
 
 
 def image_stats(images: torch.Tensor, sizes: list[tuple[int, int]]) -> np.ndarray:
-    """(N, 7) every statistic in ``STATS`` order."""
-    sq = square_stats(images) if len(images) else np.zeros((0, 4), np.float32)
+    """(N, 9) every statistic in ``STATS`` order."""
+    sq = square_stats(images) if len(images) else np.zeros((0, SQUARE), np.float32)
     wh = np.array(sizes, np.float32).reshape(-1, 2)
     aspect = wh[:, 0] / np.maximum(wh[:, 1], 1)
     return np.concatenate([sq, wh, aspect[:, None]], 1).astype(np.float32)

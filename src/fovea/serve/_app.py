@@ -61,6 +61,9 @@ class ServeConfig:
     hybrid: bool = False  # answer from precomputed batch predictions (same model version, same bytes) when stored
     poll_s: float = 2.0  # how often the server follows the store (production alias, deployments, canary steps)
     admin_token: str | None = None  # enables /v1/admin/*; sent as "Authorization: Bearer TOKEN"
+    drift_every_s: float = 600.0  # the periodic drift check (0: off); needs the store and the model's reference
+    drift_window: int = 500  # the newest answers it tests
+    drift_webhook: str | None = None  # POSTed the result when drift is found
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -99,6 +102,11 @@ class _Metrics:
                                  registry=self.registry)
         self.background = Counter("fovea_background_predictions", "Shadow and reference predictions (not answered)",
                                   ["role", "model_version", "outcome"], registry=self.registry)
+        self.drift_p = Gauge("fovea_drift_p_value", "The latest drift check's p-value per test family ('all': "
+                             "the corrected overall one)", ["model_version", "family"], registry=self.registry)
+        self.drift_alert = Gauge("fovea_drift_alert", "1 when the latest drift check found drift",
+                                 ["model_version"], registry=self.registry)
+        self.feedback = Counter("fovea_feedback", "True labels received", ["model_version"], registry=self.registry)
         self.canary_percent = Gauge("fovea_canary_percent", "Share of requests the canary candidate answers",
                                     ["model_version"], registry=self.registry)
 
@@ -138,7 +146,7 @@ def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tens
         except ImageError as e:
             bad.append((i, e.reason))
     if not arrays:
-        return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad, np.zeros((0, 7))
+        return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad, np.zeros((0, 9))
     x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
     return x, kept, bad, image_stats(x, [header_size(blobs[i]) for i in kept])
 
@@ -168,6 +176,8 @@ def create_app(config: ServeConfig) -> Any:
 
             state["log"] = PredictionLog(state["store"])
         controller = asyncio.get_running_loop().create_task(fleet.run(config.poll_s)) if fleet.follows else None
+        watcher = (asyncio.get_running_loop().create_task(watch_drift())
+                   if config.drift_every_s > 0 and "log" in state else None)
         state["ready"] = True
         s = fleet.current
         assert s is not None
@@ -177,8 +187,9 @@ def create_app(config: ServeConfig) -> Any:
             yield
         finally:
             state["ready"] = False
-            if controller is not None:
-                controller.cancel()
+            for task in (controller, watcher):
+                if task is not None:
+                    task.cancel()
             for task in list(state["tasks"]):
                 task.cancel()
             await fleet.close()
@@ -195,6 +206,50 @@ def create_app(config: ServeConfig) -> Any:
         if not state.get("ready") or fleet is None or fleet.current is None:
             raise HTTPProblem(503, "the model is still loading")
         return fleet.current  # type: ignore[no-any-return]
+
+    def drift_once(s: Served) -> Any:
+        """One drift check of the model answering now, over its newest answers; None when it cannot run yet."""
+        from fovea._home import home
+        from fovea.monitor import REFERENCE, load_reference
+        from fovea.monitor._report import write_drift_report
+        from fovea.monitor._watch import alert, check, window_from_store
+
+        folder = Path(getattr(s.model, "path", ""))
+        if not (folder / REFERENCE).exists():
+            return None
+        try:
+            window = window_from_store(state["store"], s.name, s.version, list(s.model.classes), last=config.drift_window)
+        except Exception:  # noqa: BLE001 - nothing logged yet
+            return None
+        if len(window.sample) < min(50, config.drift_window):
+            return None
+        result = check(s.model, folder, s.name, s.version, window)
+        alert(result, config.drift_webhook)
+        out = home() / "drift" / s.name / str(s.version)
+        write_drift_report(out / "latest.html", result, load_reference(folder))
+        with (out / "history.jsonl").open("a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.to_dict()},
+                               default=float) + "\n")
+        return result
+
+    async def watch_drift() -> None:
+        while True:
+            await asyncio.sleep(config.drift_every_s)
+            fleet = state.get("fleet")
+            if fleet is None or fleet.current is None:
+                continue
+            s = fleet.current
+            try:
+                result = await run_in_threadpool(drift_once, s)
+            except Exception as e:  # noqa: BLE001 - monitoring must never take the server down
+                log.warning("drift check failed: %s", e)
+                continue
+            if result is not None:
+                label = str(s.version)
+                metrics.drift_p.labels(label, "all").set(result.drift.p_value)
+                for t in result.drift.tests:
+                    metrics.drift_p.labels(label, t.family).set(t.p_value)
+                metrics.drift_alert.labels(label).set(1.0 if result.alert else 0.0)
 
     @app.exception_handler(HTTPProblem)
     async def problem(request: Request, e: HTTPProblem) -> JSONResponse:
@@ -532,6 +587,34 @@ def create_app(config: ServeConfig) -> Any:
                                           "shape": [len(probs), len(s.model.classes)],
                                           "data": [float(v) for v in np.asarray(probs).ravel()]},
                                          {"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels}]})
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        """{"request_id": "...", "label": "dog"}: the true label of an answered request (concept drift, retraining)."""
+        from sqlalchemy import select
+
+        from fovea.store import Feedback, Prediction
+
+        s = served()
+        body = await json_body(request)
+        request_id, label = body.get("request_id"), body.get("label")
+        if not isinstance(request_id, str) or not request_id or not isinstance(label, str):
+            raise HTTPProblem(422, 'send {"request_id": "...", "label": "CLASS"}')
+        if label not in s.model.classes:
+            raise HTTPProblem(422, f"label {label!r} is not one of {s.model.classes}")
+        store = state.get("store")
+        if store is None:
+            raise HTTPProblem(409, "this server keeps no store (started with --no-log): feedback has nowhere to go")
+
+        def save() -> bool:
+            with store.session() as db:
+                matched = db.scalar(select(Prediction.id).where(Prediction.request_id == request_id).limit(1))
+                db.add(Feedback(request_id=request_id, label=label))
+            return matched is not None
+
+        matched = await run_in_threadpool(save)
+        metrics.feedback.labels(str(s.version)).inc()
+        return JSONResponse({"request_id": request_id, "label": label, "matched": matched}, status_code=201)
 
     # admin: the roll-out commands over HTTP, for a token holder --------------------------------------------------
 
