@@ -120,7 +120,8 @@ def models(
     "fovea train data/xrays --preprocess gray,clahe                # classical steps, kept in the model",
 ))
 def train(
-    data: Annotated[Path, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group].")],
+    data: Annotated[Path | None, typer.Argument(help="A folder (DATA/CLASS/*, DATA/train|val/CLASS/*) or a CSV path,label[,group]. With --from-store: the original data, if it moved.")] = None,
+    from_store: Annotated[str | None, typer.Option(help="Retrain registered model NAME on its original data plus the images confirmed in its review queue, with its production version's settings; registers the result as NAME:candidate.")] = None,
     model: Annotated[str | None, typer.Option(help="Architecture: mlp, cnn, any timm name, alexnet, googlenet (`fovea models`); default cnn, or the --weights run's.")] = None,
     weights: Annotated[str | None, typer.Option(help="Start from these weights: a .safetensors/.pth/.pt file or a Fovea run folder.")] = None,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="timm hub weights (default for timm architectures; needs the network).")] = None,
@@ -166,6 +167,18 @@ def train(
     from fovea.training import train as run_train
 
     _setup_logging(quiet)
+    if from_store:
+        from fovea.review import retrain
+
+        given: dict[str, Any] = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed if seed != 0 else None,
+                 "device": device if device != "auto" else None}
+        v, gained = retrain(from_store, data=data, progress=not quiet, **{k: x for k, x in given.items() if x is not None})
+        _print_train_result(Path(v.path) if (Path(v.path) / "metrics.json").exists() else Path(v.source))
+        typer.echo(f"labelled images added: {', '.join(f'{c} {n}' for c, n in sorted(gained.items()))}")
+        typer.echo(f"registered {v.ref} ({', '.join(v.aliases)}); roll it out: fovea deploy {v.ref} --strategy canary")
+        return
+    if data is None:
+        raise FoveaError("give the data folder (or CSV), or --from-store NAME")
     extra = _parse_arch(arch)
     if batch_norm is not None:
         extra["batch_norm"] = batch_norm
@@ -735,6 +748,7 @@ def export_command(
     "fovea serve pets:production --port 8080 --workers 2",
     "FOVEA_ADMIN_TOKEN=$(openssl rand -hex 16) fovea serve pets --db postgresql://fovea@db/fovea",
     "curl -s --data-binary @cat.jpg 'localhost:8000/v1/predict?explain=gradcam'",
+    "fovea serve pets --review-below 0.8 --consensus 2     # unsure uploads to the review queue; 2 must agree",
     "curl -s --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/predict",
     "curl -s -F file=@cat.jpg -F file=@dog.png localhost:8000/v1/predict"))
 def serve_command(
@@ -761,6 +775,9 @@ def serve_command(
                                                   "Results: /metrics, the log, FOVEA_HOME/drift/.")] = "10m",
     drift_window: Annotated[int, typer.Option(help="How many of the newest answers each drift check tests.")] = 500,
     drift_webhook: Annotated[str | None, typer.Option(help="POST each drift alert as JSON to this URL.")] = None,
+    review_below: Annotated[float, typer.Option(help="Queue answers less confident than this for people to label "
+                                                     "(the web app's review page; 0: none).")] = 0.0,
+    consensus: Annotated[int, typer.Option(help="Reviewers who must agree before a queued image is labelled.")] = 1,
 ) -> None:
     """Serve a model over HTTP: /v1/predict, Open Inference Protocol v2 under /v2, Prometheus /metrics.
 
@@ -777,7 +794,10 @@ def serve_command(
     config = ServeConfig(model=model, db=db, device=device, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout, log_predictions=not no_log,
                          hybrid=hybrid, admin_token=admin_token, poll_s=poll,
-                         drift_every_s=parse_duration(drift_every), drift_window=drift_window, drift_webhook=drift_webhook)
+                         drift_every_s=parse_duration(drift_every), drift_window=drift_window, drift_webhook=drift_webhook,
+                         review_below=review_below, consensus=consensus)
+    if not 0 <= review_below <= 1 or consensus < 1:
+        raise FoveaError("--review-below must lie in [0, 1] and --consensus be at least 1")
     if poll <= 0:
         raise FoveaError("--poll must be positive")
     os.environ[CONFIG_ENV] = config.to_json()

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request  # module level: FastAPI reads the routes' annotations from here
+from fastapi import FastAPI, Query, Request  # module level: FastAPI reads the routes' annotations from here
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -64,6 +64,8 @@ class ServeConfig:
     drift_every_s: float = 600.0  # the periodic drift check (0: off); needs the store and the model's reference
     drift_window: int = 500  # the newest answers it tests
     drift_webhook: str | None = None  # POSTed the result when drift is found
+    review_below: float = 0.0  # answers less confident than this go to the review queue (0: none)
+    consensus: int = 1  # reviewers who must agree before a queued image is labelled
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -424,6 +426,19 @@ def create_app(config: ServeConfig) -> Any:
         state["tasks"].add(task)
         task.add_done_callback(state["tasks"].discard)
 
+    def to_review(s: Served, request_id: str, unsure: list[tuple[bytes, np.ndarray]]) -> None:
+        """Queue unsure answers for people to label, in the background."""
+        from fovea import review
+
+        def save() -> None:
+            for blob, p in unsure:
+                review.enqueue(state["store"], s.name, s.version, request_id, blob,
+                               {c: float(v) for c, v in zip(s.model.classes, p)})
+
+        task = asyncio.get_running_loop().create_task(run_in_threadpool(save))
+        state["tasks"].add(task)
+        task.add_done_callback(state["tasks"].discard)
+
     def overlays(s: Served, x: torch.Tensor, method: str) -> list[str]:
         """Grad-CAM (or another method) over each image, as PNG data URLs; runs on the inference thread."""
         import io
@@ -490,6 +505,9 @@ def create_app(config: ServeConfig) -> Any:
             kept, bad = [online[k] for k in kept_o], [(online[k], r) for k, r in bad_o]
             record(s, request_id, mine, kept_o, probs, (time.perf_counter() - start) * 1000, client,
                    deployment_id=route.deployment_id, seen=seen)
+            unsure = [(mine[k], p) for k, p in zip(kept_o, probs) if float(p.max()) < config.review_below]
+            if unsure and state.get("store") is not None:
+                to_review(s, request_id, unsure)
         latency_ms = (time.perf_counter() - start) * 1000
         for i, p in zip(kept, probs):
             j = int(p.argmax())
@@ -615,6 +633,58 @@ def create_app(config: ServeConfig) -> Any:
         matched = await run_in_threadpool(save)
         metrics.feedback.labels(str(s.version)).inc()
         return JSONResponse({"request_id": request_id, "label": label, "matched": matched}, status_code=201)
+
+    def reviewer_store(request: Request) -> Any:
+        """Review routes: open unless the server has an admin token, then they need it too."""
+        if config.admin_token:
+            admin(request)
+        store = state.get("store")
+        if store is None:
+            raise HTTPProblem(409, "this server keeps no store: there is no review queue")
+        return store
+
+    @app.get("/v1/reviews")
+    async def list_reviews(request: Request, state_: str = Query("pending", alias="state"), limit: int = 100) -> dict[str, Any]:
+        from fovea import review
+
+        store = reviewer_store(request)
+        rows = await run_in_threadpool(review.reviews, store, served().name, state_, min(max(limit, 1), 500))
+        for r in rows:
+            r["image_url"] = f"/v1/reviews/{r['id']}/image"
+        return {"classes": served().model.classes, "consensus": config.consensus, "reviews": rows}
+
+    @app.get("/v1/reviews/{review_id}/image")
+    async def review_image(request: Request, review_id: int) -> Response:
+        from fastapi.responses import FileResponse
+
+        from fovea import review
+        from fovea.errors import FoveaError
+
+        store = reviewer_store(request)
+        try:
+            row = await run_in_threadpool(review.get, store, review_id)
+        except FoveaError as e:
+            raise HTTPProblem(404, str(e)) from e
+        if not Path(row.path).exists():
+            raise HTTPProblem(404, f"the image of review #{review_id} is gone from {row.path}")
+        return FileResponse(row.path)
+
+    @app.post("/v1/reviews/{review_id}")
+    async def review_vote(request: Request, review_id: int) -> dict[str, Any]:
+        """{"label": "dog", "reviewer": "ana"}; "label": "" means none of the classes."""
+        from fovea import review
+        from fovea.errors import FoveaError
+
+        store = reviewer_store(request)
+        body = await json_body(request)
+        label, reviewer = body.get("label"), body.get("reviewer") or "anonymous"
+        if not isinstance(label, str) or not isinstance(reviewer, str):
+            raise HTTPProblem(422, 'send {"label": "CLASS", "reviewer": "NAME"}')
+        try:
+            return await run_in_threadpool(review.vote, store, review_id, label, reviewer, served().model.classes,
+                                           config.consensus)  # type: ignore[no-any-return]
+        except FoveaError as e:
+            raise HTTPProblem(404 if "no review" in str(e) else 409 if "already" in str(e) else 422, str(e)) from e
 
     # admin: the roll-out commands over HTTP, for a token holder --------------------------------------------------
 

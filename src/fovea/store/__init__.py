@@ -4,7 +4,18 @@
 database that several server replicas share. Either is migrated to the newest schema when opened.
 """
 
-from fovea.store._schema import Alias, Base, Deployment, DeploymentEvent, Feedback, ModelVersion, Prediction
+from fovea.store._schema import (
+    Alias,
+    Base,
+    Deployment,
+    DeploymentEvent,
+    Feedback,
+    ModelVersion,
+    Prediction,
+    Review,
+    Vote,
+)
 from fovea.store._store import Store, default_url
 
-__all__ = ["Alias", "Base", "Deployment", "DeploymentEvent", "Feedback", "ModelVersion", "Prediction", "Store", "default_url"]
+__all__ = ["Alias", "Base", "Deployment", "DeploymentEvent", "Feedback", "ModelVersion", "Prediction", "Review",
+           "Store", "Vote", "default_url"]

@@ -142,3 +142,38 @@ class Feedback(Base):
     fingerprint: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
     label: Mapped[str] = mapped_column(String(200))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class Review(Base):
+    """An upload the model was unsure of, waiting for people to confirm or correct its label."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (UniqueConstraint("model_name", "fingerprint", name="uq_reviews_model_fingerprint"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the image bytes
+    path: Mapped[str] = mapped_column(Text)  # the saved upload
+    predicted: Mapped[str] = mapped_column(String(200))
+    confidence: Mapped[float] = mapped_column(Float)
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20), index=True, default="pending")  # pending | labelled | rejected
+    label: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the agreed label
+    saved_to: Mapped[str | None] = mapped_column(Text, nullable=True)  # where the labelled copy went
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    decided: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Vote(Base):
+    """One reviewer's label for one review (the last vote of a reviewer counts)."""
+
+    __tablename__ = "votes"
+    __table_args__ = (UniqueConstraint("review_id", "reviewer", name="uq_votes_review_reviewer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str] = mapped_column(String(200))  # a class, or "" for "none of these"
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)

@@ -1,0 +1,192 @@
+"""Labelling on the fly: unsure answers go to a review queue, people confirm or correct them, and the agreed
+images become training data for the next version.
+
+- ``enqueue``: the server calls it for an answer below ``--review-below`` confidence; the upload is kept in
+  ``$FOVEA_HOME/review/NAME/`` (once per image: the same bytes are queued once).
+- ``vote``: one reviewer's label (or ``""``: none of the classes). When ``consensus`` reviewers agree, the image
+  is copied into ``$FOVEA_HOME/labelled/NAME/LABEL/`` (Fovea's ``DATA/CLASS/*`` layout) and the label is
+  recorded as feedback for the request, so concept-drift checks see it too. With ``consensus=1`` the first
+  vote decides; a larger value serves domains where experts disagree.
+- ``retrain``: the original training data plus the labelled folder, trained with the production version's
+  settings, registered as the next version with the alias ``candidate``: ready for ``fovea deploy``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from fovea._home import home
+from fovea.errors import FoveaError
+from fovea.store import Feedback, Review, Store, Vote
+
+
+def queue_dir(name: str) -> Path:
+    return home() / "review" / name
+
+
+def labelled_dir(name: str) -> Path:
+    return home() / "labelled" / name
+
+
+def _extension(blob: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            return {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif",
+                    "GIF": ".gif"}.get(im.format or "", ".img")
+    except Exception:  # noqa: BLE001 - it decoded for the model, so this does not happen; keep the bytes anyway
+        return ".img"
+
+
+def enqueue(store: Store, name: str, version: int, request_id: str, blob: bytes, probabilities: dict[str, float]) -> int | None:
+    """Queue an upload for review; its id, or None when the same image is already queued for this model."""
+    fingerprint = hashlib.sha256(blob).hexdigest()
+    folder = queue_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (fingerprint + _extension(blob))
+    if not path.exists():
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_bytes(blob)
+        tmp.replace(path)  # never a half-written image in the queue
+    predicted = max(probabilities, key=lambda c: probabilities[c])
+    try:
+        with store.session() as s:
+            row = Review(model_name=name, model_version=version, request_id=request_id, fingerprint=fingerprint,
+                         path=str(path), predicted=predicted, confidence=float(probabilities[predicted]),
+                         probabilities=probabilities)
+            s.add(row)
+            s.flush()
+            return int(row.id)
+    except IntegrityError:
+        return None
+
+
+def _public(r: Review, votes: list[Vote]) -> dict[str, Any]:
+    return {"id": r.id, "model": r.model_name, "model_version": r.model_version, "request_id": r.request_id,
+            "predicted": r.predicted, "confidence": r.confidence, "probabilities": r.probabilities, "state": r.state,
+            "label": r.label, "saved_to": r.saved_to, "created": r.created.isoformat(timespec="seconds"),
+            "votes": [{"reviewer": v.reviewer, "label": v.label} for v in votes]}
+
+
+def reviews(store: Store, name: str | None = None, state: str = "pending", limit: int = 100) -> list[dict[str, Any]]:
+    """Oldest first: the queue is worked from the front."""
+    with store.session() as s:
+        q = select(Review).where(Review.state == state).order_by(Review.id).limit(limit)
+        rows = s.scalars(q.where(Review.model_name == name) if name else q).all()
+        votes = s.scalars(select(Vote).where(Vote.review_id.in_([r.id for r in rows]))).all() if rows else []
+    return [_public(r, [v for v in votes if v.review_id == r.id]) for r in rows]
+
+
+def get(store: Store, review_id: int) -> Review:
+    with store.session() as s:
+        row = s.get(Review, review_id)
+    if row is None:
+        raise FoveaError(f"no review #{review_id}")
+    return row
+
+
+def vote(store: Store, review_id: int, label: str, reviewer: str, classes: list[str], consensus: int = 1) -> dict[str, Any]:
+    """Record ``reviewer``'s label; decide the review once ``consensus`` reviewers agree."""
+    if label and label not in classes:
+        raise FoveaError(f"label {label!r} is not one of {classes} (or '' for none of them)")
+    if not reviewer.strip():
+        raise FoveaError("a vote needs a reviewer name")
+    with store.session() as s:
+        row = s.get(Review, review_id, with_for_update=True)
+        if row is None:
+            raise FoveaError(f"no review #{review_id}")
+        if row.state != "pending":
+            raise FoveaError(f"review #{review_id} is already {row.state}" + (f" as {row.label!r}" if row.label else ""))
+        mine = s.scalar(select(Vote).where(Vote.review_id == review_id, Vote.reviewer == reviewer))
+        if mine is None:
+            s.add(Vote(review_id=review_id, reviewer=reviewer, label=label))
+        else:
+            mine.label = label
+        s.flush()
+        votes = s.scalars(select(Vote).where(Vote.review_id == review_id)).all()
+        winner, count = Counter(v.label for v in votes).most_common(1)[0]
+        if count >= consensus:
+            row.decided = datetime.now(timezone.utc)
+            if winner == "":
+                row.state = "rejected"
+            else:
+                row.state, row.label = "labelled", winner
+                src = Path(row.path)
+                dest = labelled_dir(row.model_name) / winner / src.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
+                row.saved_to = str(dest)
+                s.add(Feedback(request_id=row.request_id, fingerprint=row.fingerprint, label=winner))
+        return _public(row, list(votes))
+
+
+def _original_data(meta: dict[str, Any], data: str | Path | None) -> Path:
+    root = Path(data) if data else Path(str((meta.get("data") or {}).get("root", "")))
+    if not root.is_dir():
+        raise FoveaError(f"the original training data is not at {root or '(unknown)'}; give it with --data")
+    return root
+
+
+def _link(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.exists():
+        dest.symlink_to(src.resolve())
+
+
+def merged_data(name: str, original: Path, out: Path) -> dict[str, int]:
+    """``out`` = the original data (symbolic links, its layout kept) + every labelled image of ``name`` in the
+    training split. Returns how many labelled images each class gained."""
+    from fovea.data._io import IMAGE_EXTENSIONS
+
+    if out.exists():
+        shutil.rmtree(out)
+    split = any((original / s).is_dir() for s in ("train",))
+    for f in sorted(original.rglob("*")):
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+            _link(f, out / f.relative_to(original))
+    gained: dict[str, int] = {}
+    labelled = labelled_dir(name)
+    for f in sorted(labelled.rglob("*")) if labelled.is_dir() else []:
+        if f.is_file():
+            cls = f.parent.name
+            _link(f, (out / "train" if split else out) / cls / f"labelled-{f.name}")
+            gained[cls] = gained.get(cls, 0) + 1
+    return gained
+
+
+def retrain(name: str, *, data: str | Path | None = None, store: Store | None = None, progress: bool = True,
+            **overrides: Any) -> tuple[Any, dict[str, int]]:
+    """Train the next version of ``name`` on its original data plus the labelled images; register it as
+    ``candidate``. Returns (the registered version, images gained per class)."""
+    import fovea
+    from fovea import registry
+    from fovea.artifact import read_meta
+    from fovea.training._loop import config_fields
+
+    store = store or Store()
+    current = registry.resolve(name, store=store)  # its production version
+    meta = read_meta(current.path)
+    if "training" not in meta:
+        raise FoveaError(f"{current.ref} records no training settings (a compressed or foreign artifact); "
+                         "retrain its source run instead")
+    original = _original_data(meta, data)
+    version_dir = home() / "retrain" / name / f"from-{current.version}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    gained = merged_data(name, original, version_dir / "data")
+    if not gained:
+        raise FoveaError(f"no labelled images for {name} yet: confirm some in the review queue first")
+    settings = {k: v for k, v in meta["training"].items() if k in config_fields() and k not in ("data", "out", "resume")}
+    settings.update(overrides)
+    settings.update(out=str(version_dir / "run"), progress=progress)
+    run = fovea.train(version_dir / "data", **settings)
+    return registry.add(run, name, alias="candidate", store=store), gained
+

@@ -1,0 +1,72 @@
+"""Labelling on the fly, end to end on real photos: unsure uploads are queued, reviewers agree on labels
+(consensus of two), the labelled images land in a data folder, and `fovea train --from-store` produces the
+next version, ready for a canary."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_main, train_cnn
+from fastapi.testclient import TestClient
+
+from fovea import deploy, registry
+from fovea.artifact import read_meta
+from fovea.serve import ServeConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_cnn(tiny_pets, tmp_path_factory, "review", image_size=32, epochs=2, widths=(8, 16, 16, 16))
+
+
+def test_label_correct_retrain(run: Path, pets_root: Path, fovea_home: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    registry.add(run, "pets")
+    uploads = {p: c for c in ("cat", "dog") for p in sorted((pets_root / "val" / c).glob("*.jpg"))[30:34]}
+    with TestClient(create_app(ServeConfig(model="pets", review_below=1.0, consensus=2, drift_every_s=0))) as c:
+        for p in uploads:
+            assert c.post("/v1/predict", content=p.read_bytes(), headers={"content-type": "image/jpeg"}).status_code == 200
+        c.post("/v1/predict", content=next(iter(uploads)).read_bytes(), headers={"content-type": "image/jpeg"})
+        deadline = time.monotonic() + 10
+        while len(queue := c.get("/v1/reviews").json()["reviews"]) < 8:
+            assert time.monotonic() < deadline, queue
+            time.sleep(0.1)
+        assert len(queue) == 8  # the same image sent twice is queued once
+        image = c.get(queue[0]["image_url"])
+        assert image.status_code == 200 and image.content in {p.read_bytes() for p in uploads}
+        truth = {p.read_bytes(): c_ for p, c_ in uploads.items()}
+        labels = {r["id"]: truth[c.get(r["image_url"]).content] for r in queue}
+        first = queue[0]["id"]
+        r = c.post(f"/v1/reviews/{first}", json={"label": labels[first], "reviewer": "ana"})
+        assert r.status_code == 200 and r.json()["state"] == "pending"  # one vote of the two needed
+        r = c.post(f"/v1/reviews/{first}", json={"label": "horse", "reviewer": "bob"})
+        assert r.status_code == 422 and "not one of" in r.json()["error"]
+        r = c.post(f"/v1/reviews/{first}", json={"label": labels[first], "reviewer": "bob"})
+        assert r.status_code == 200 and r.json()["state"] == "labelled" and r.json()["label"] == labels[first]
+        assert c.post(f"/v1/reviews/{first}", json={"label": "cat", "reviewer": "cy"}).status_code == 409
+        rejected = queue[1]["id"]
+        for who in ("ana", "bob"):
+            c.post(f"/v1/reviews/{rejected}", json={"label": "", "reviewer": who})
+        for rid in [r["id"] for r in queue[2:]]:
+            for who in ("ana", "bob"):
+                c.post(f"/v1/reviews/{rid}", json={"label": labels[rid], "reviewer": who})
+        assert c.get("/v1/reviews").json()["reviews"] == []
+        assert len(c.get("/v1/reviews?state=labelled").json()["reviews"]) == 7
+        assert c.get("/v1/reviews/9999/image").status_code == 404
+    saved = sorted(p.relative_to(fovea_home / "labelled" / "pets").parts[0] for p in (fovea_home / "labelled" / "pets").rglob("*.jpg"))
+    expected = sorted(labels[r["id"]] for r in queue if r["id"] != rejected)
+    assert saved == expected  # every agreed image in DATA/CLASS/, the rejected one nowhere
+
+    code, out, err = run_main(["train", "--from-store", "pets", "--epochs", "1", "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "registered pets:2 (candidate)" in out and "fovea deploy pets:2" in out
+    v2 = registry.resolve("pets:candidate")
+    counts = read_meta(v2.path)["data"]["counts"]["train"]
+    gained = {c: expected.count(c) for c in ("cat", "dog")}
+    assert counts == {c: 40 + gained[c] for c in ("cat", "dog")}  # the original 40 per class plus the labelled
+    assert read_meta(v2.path)["training"]["model"] == "cnn" and v2.version == 2
+    d = deploy.start("pets:candidate", "canary", percent=10)
+    assert d.candidate is not None and d.candidate.version == 2 and json.dumps(d.to_dict())
