@@ -24,7 +24,7 @@ from fovea.errors import FoveaError
 from fovea.store import Alias, ModelVersion, Store
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-ARTIFACT_FILES = ("model.json", "model.safetensors", "model.onnx", "model.pt2", "reference.npz")
+ARTIFACT_FILES = ("model.json", "model.safetensors", "model.onnx", "model.pt2", "reference.npz", "report.html")
 
 
 @dataclass

@@ -60,7 +60,7 @@ def test_add_makes_versions_copies_files_and_moves_aliases(run: Path, fovea_home
     v2 = registry.add(copy, "pets", alias="candidate")
     assert (v1.version, v2.version) == (1, 2) and v2.aliases == ["candidate"]
     assert Path(v1.path) == fovea_home / "models" / "pets" / "1"
-    assert sorted(p.name for p in Path(v1.path).iterdir()) == ["model.json", "model.safetensors", "reference.npz"]  # no checkpoints
+    assert sorted(p.name for p in Path(v1.path).iterdir()) == ["model.json", "model.safetensors", "reference.npz", "report.html"]  # no checkpoints
     assert registry.resolve("pets").version == 1  # the first version became production; adding more does not move it
     assert registry.versions("pets")[0].aliases == ["production"] and registry.resolve("pets:candidate").version == 2
     registry.set_alias("pets", 2, "production")  # an alias moves, it is not duplicated

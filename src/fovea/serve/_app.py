@@ -686,6 +686,116 @@ def create_app(config: ServeConfig) -> Any:
         except FoveaError as e:
             raise HTTPProblem(404 if "no review" in str(e) else 409 if "already" in str(e) else 422, str(e)) from e
 
+    # the web app and the read-only routes it uses ------------------------------------------------------------
+
+    static = Path(__file__).parent / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def web_app() -> Response:
+        from fastapi.responses import FileResponse
+
+        return FileResponse(static / "index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        from fastapi.responses import FileResponse
+
+        path = static / name
+        if name not in {p.name for p in static.iterdir()}:  # only the app's own files, no path tricks
+            raise HTTPProblem(404, f"no {name}")
+        return FileResponse(path)
+
+    def viewer(request: Request) -> Any:
+        """Read-only routes: open unless the server has an admin token, then they need it too."""
+        return reviewer_store(request)
+
+    @app.get("/v1/info")
+    async def about() -> dict[str, Any]:
+        s = served()
+        return {"model": s.name, "version": s.version, "classes": s.model.classes,
+                "explainable": hasattr(s.model, "net"), "review_below": config.review_below,
+                "consensus": config.consensus, "token_required": bool(config.admin_token),
+                "follows_deployments": bool(state["fleet"].follows)}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        from fovea import registry
+
+        store = viewer(request)
+        name = served().name
+        try:
+            versions = await run_in_threadpool(registry.versions, name, store=store)
+        except Exception:  # noqa: BLE001 - a model folder served outside the registry
+            versions = []
+        rows = []
+        for v in versions:
+            d = v.to_dict()
+            d["ref"] = v.ref
+            d["report"] = f"/v1/models/{v.version}/report" if (Path(v.path) / "report.html").exists() else None
+            rows.append(d)
+        return {"name": name, "versions": rows}
+
+    @app.get("/v1/models/{version}/report", include_in_schema=False)
+    async def model_report(request: Request, version: int) -> Response:
+        from fastapi.responses import FileResponse
+
+        from fovea import registry
+        from fovea.errors import FoveaError
+
+        store = viewer(request)
+        try:
+            v = await run_in_threadpool(registry.resolve, f"{served().name}:{version}", store=store)
+        except FoveaError as e:
+            raise HTTPProblem(404, str(e)) from e
+        path = Path(v.path) / "report.html"
+        if not path.exists():
+            raise HTTPProblem(404, f"{v.ref} was registered without its report")
+        return FileResponse(path)
+
+    @app.get("/v1/deployments")
+    async def list_deployments(request: Request) -> dict[str, Any]:
+        from fovea import deploy
+
+        store = viewer(request)
+        views = await run_in_threadpool(deploy.deployments, served().name, store=store)
+        return {"deployments": [await run_in_threadpool(with_figures, d, store) for d in views]}
+
+    def drift_folder() -> Path:
+        from fovea._home import home
+
+        s = served()
+        return home() / "drift" / s.name / str(s.version)
+
+    @app.get("/v1/drift")
+    async def drift_history(request: Request, last: int = 200) -> dict[str, Any]:
+        viewer(request)
+        path = drift_folder() / "history.jsonl"
+        lines = path.read_text().splitlines()[-max(1, min(last, 5000)):] if path.exists() else []
+        return {"history": [json.loads(line) for line in lines if line.strip()]}
+
+    @app.get("/v1/drift/report", include_in_schema=False)
+    async def drift_report(request: Request) -> Response:
+        from fastapi.responses import FileResponse
+
+        viewer(request)
+        path = drift_folder() / "latest.html"
+        if not path.exists():
+            raise HTTPProblem(404, "no drift check has run yet")
+        return FileResponse(path)
+
+    @app.post("/v1/drift/check")
+    async def drift_now(request: Request) -> dict[str, Any]:
+        viewer(request)
+        if "log" not in state:
+            raise HTTPProblem(409, "predictions are not logged (--no-log): there is no traffic to test")
+        try:
+            result = await run_in_threadpool(drift_once, served())
+        except Exception as e:  # noqa: BLE001 - a missing reference, too few answers: say so
+            raise HTTPProblem(409, str(e)) from e
+        if result is None:
+            raise HTTPProblem(409, "not enough answers logged yet, or the model has no drift reference")
+        return {"summary": result.summary(), **result.to_dict()}
+
     # admin: the roll-out commands over HTTP, for a token holder --------------------------------------------------
 
     def admin(request: Request) -> Any:
