@@ -28,7 +28,11 @@ def _setup_logging(quiet: bool = False) -> None:
     from rich.logging import RichHandler
 
     level = logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(show_time=False, show_path=False, markup=False, rich_tracebacks=False)
+    from rich.console import Console
+
+    # on stderr: stdout carries the results (--json output must stay parseable)
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False,
+                          rich_tracebacks=False)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     logging.getLogger("fovea").setLevel(level)
 

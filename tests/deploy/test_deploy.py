@@ -82,6 +82,7 @@ def test_a_10_percent_canary_answers_10_percent_and_is_sticky_per_client(run: Pa
         share = versions.count(2) / len(versions)
         assert 0.07 <= share <= 0.13, share  # the 10 +- 3 %; without client ids it is exactly 10 %
         assert versions.count(2) == 200 and set(versions) == {1, 2}
+        assert 'fovea_canary_percent{model_version="2"} 10.0' in c.get("/metrics").text
         seen: dict[str, set[int]] = {}
         for k in range(300):
             client = f"user-{k}"
@@ -267,3 +268,20 @@ def test_canary_arithmetic() -> None:
     failing = {**healthy, "candidate": {**healthy["candidate"], "error_rate": 0.1}}
     assert "error rate" in (deploy.judge(failing, limits) or "")
     assert deploy.judge({**healthy, "candidate": {**healthy["candidate"], "n": 5}}, limits) is None  # too few
+
+
+def test_a_registry_without_a_production_alias_is_still_served(run: Path, photos: list[bytes]) -> None:
+    from sqlalchemy import delete
+
+    from fovea.store import Alias
+
+    registry.add(run, "pets")
+    registry.add(run, "pets")
+    with Store().session() as s:  # as in a registry made before the first version became production
+        s.execute(delete(Alias))
+    with server(log_predictions=False) as c:
+        assert post(c, photos[0])["model_version"] == 2  # the newest, as `fovea serve pets` always did
+        time.sleep(0.3)  # a few controller ticks: they must not fail or move anything
+        assert post(c, photos[0])["model_version"] == 2
+    with pytest.raises(FoveaError, match="no production version"):
+        deploy.start("pets:1", "canary")

@@ -2,7 +2,11 @@
 
 Routes:
     POST /v1/predict[?explain=gradcam]  raw image bytes, multipart upload (one or many files) or JSON base64
+    POST /v1/feedback                   {"request_id", "label"}: the true label of an answer
+    GET  /v1/reviews, /v1/reviews/{id}/image; POST /v1/reviews/{id}    the review queue (labelling on the fly)
+    GET  /v1/info, /v1/models, /v1/deployments, /v1/drift; POST /v1/drift/check    read-only, for the web app
     GET  /v1/admin/models, /v1/admin/deployments; POST /v1/admin/deploy, /v1/admin/rollback (bearer token)
+    GET  /                              the web app (static files in ./static)
     GET  /v2/health/live, /v2/health/ready          Open Inference Protocol v2 (KServe, Triton clients)
     GET  /v2/models/{name}, /v2/models/{name}/ready
     POST /v2/models/{name}/infer        UINT8 tensors (N, 3, S, S) or BYTES (encoded image files)
@@ -12,7 +16,8 @@ Every answer that is not a prediction is a JSON ``{"error": ...}`` with a 4xx st
 422, a body over the limit 413, a decompression bomb 422, a timeout 504. Decoding runs on worker threads,
 inference on one thread fed by the micro-batcher, logging to the store on another; the event loop only
 routes. Which version answers (production, a canary, a shadow behind it) is the ``Fleet``'s business
-(``_fleet.py``), following the deployments in the store. The model is loaded and warmed up (a batch of 1 and a full batch) before /v2/health/ready says yes.
+(``_fleet.py``), following the deployments in the store. The model is loaded and warmed up (a batch of 1 and
+a full batch) before /v2/health/ready says yes.
 """
 
 from __future__ import annotations
@@ -889,6 +894,11 @@ def create_app(config: ServeConfig) -> Any:
     async def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        fleet = state.get("fleet")
+        d = fleet.deployment if fleet else None
+        metrics.canary_percent.clear()
+        if d is not None and d.strategy == "canary" and d.candidate is not None:
+            metrics.canary_percent.labels(str(d.candidate.version)).set(d.percent)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.fovea = state

@@ -168,9 +168,13 @@ class Fleet:
             if d.state != "running":
                 log.warning("%s deployment #%d: %s (%s)", name, d.id, d.state, d.reason)
                 d = None
-        prod = await run_in_threadpool(deploy.production, name, store)
-        await self._switch_to(prod)
-        if d is not None and d.candidate is not None and d.candidate.id != prod.id:
+        try:
+            prod = await run_in_threadpool(deploy.production, name, store)
+        except FoveaError:  # no production alias (a registry from before Fovea set one): keep what is served
+            prod = None
+        if prod is not None:
+            await self._switch_to(prod)
+        if d is not None and d.candidate is not None and (prod is None or d.candidate.id != prod.id):
             held = self.candidate
             self.candidate = await self._get(d.candidate)
             if held is not self.candidate:
