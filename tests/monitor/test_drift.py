@@ -174,3 +174,39 @@ def test_drift_on_a_folder_and_building_a_missing_reference(run: Path, windows: 
     assert code == 0 and "reference of 80 images saved" in out
     code, out, _ = run_main(["drift", "--model", str(old), "--data", str(folder), "--json"], monkeypatch, capsys)
     assert code == 0 and json.loads(out)["drift"]["n_window"] == 40
+
+
+def test_a_drift_alert_is_posted_to_the_webhook(run: Path, windows: list[list[Path]], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import http.server
+    import threading
+
+    received: list[dict[str, object]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
+    try:
+        normal = tmp_path / "normal"
+        normal.mkdir()
+        for p in windows[8]:
+            (normal / p.name).write_bytes(p.read_bytes())
+        run_main(["drift", "--model", str(run), "--data", str(normal), "--webhook", url], monkeypatch, capsys)
+        assert received == []  # no drift, no alert
+        dark = altered(windows[8], tmp_path / "dark", "dark")
+        code, _, _ = run_main(["drift", "--model", str(run), "--data", str(dark[0].parent), "--webhook", url],
+                              monkeypatch, capsys)
+    finally:
+        hook.shutdown()
+    assert code == 0 and len(received) == 1
+    assert received[0]["alert"] is True and "DRIFT" in str(received[0]["text"])

@@ -102,6 +102,13 @@ def test_upload_an_image_and_see_its_label(run: Path, browser: Any, tiny_pets: P
         assert label.inner_text() == expected
         assert page.locator(".result img").count() == 2  # the upload and its Grad-CAM overlay
         page.screenshot(path=str(shots / "predict.png"), full_page=True)
+        page.select_option(".result select.truth", "dog")  # the person knows better: feedback from the app
+        page.click(".result form.feedback button")
+        page.locator(".result .good").wait_for()
+        with _store().session() as s:
+            from fovea.store import Feedback
+
+            assert [f.label for f in s.query(Feedback)] == ["dog"]
         phone = page_of(browser, base, phone=True)
         phone.goto(base + "/#/predict")
         phone.set_input_files("#file", str(photo))

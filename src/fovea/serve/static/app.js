@@ -73,11 +73,25 @@ function renderPredict() {
           h("p", {}, h("span", { class: "label", "data-testid": "label" }, p.label), " ",
             h("span", { class: "muted" }, pct(p.probability))),
           bars(p.probabilities),
+          feedbackForm(body.request_id, p.label),
           h("p", { class: "muted" }, `model ${body.model}:${body.model_version} · ${body.latency_ms.toFixed(0)} ms`));
       }));
     } catch (e) { results.replaceChildren(h("p", { class: "bad" }, e.message)); }
   }
   main.replaceChildren(h("h1", {}, "Predict"), drop, results);
+}
+
+function feedbackForm(requestId, said) {
+  const choice = h("select", { "aria-label": "the true label", class: "truth" },
+    (info ? info.classes : [said]).map((c) => h("option", { value: c, selected: c === said }, c)));
+  const form = h("form", { class: "feedback", onsubmit: async (e) => {
+    e.preventDefault();
+    try {
+      await api("/v1/feedback", { method: "POST", json: { request_id: requestId, label: choice.value } });
+      form.replaceChildren(h("span", { class: "good" }, choice.value === said ? "✓ confirmed" : `✓ corrected to ${choice.value}`));
+    } catch (err) { toast(err.message); }
+  } }, h("label", {}, "True label ", choice), " ", h("button", { type: "submit" }, "Send"));
+  return form;
 }
 
 // ---- review queue -----------------------------------------------------------------------------------------
