@@ -1023,7 +1023,7 @@ def deployments_command(
     for d in views:
         out = d.to_dict()
         if d.state == "running":
-            out["figures"] = deploy.stats(d, store, since=d.step_started if d.strategy == "canary" else None)
+            out["figures"] = deploy.figures_now(d, store)
         rows.append(out)
     if as_json:
         typer.echo(json.dumps({"deployments": rows}))

@@ -7,6 +7,7 @@ from fovea.deploy._deploy import (
     active,
     advance,
     deployments,
+    figures_now,
     judge,
     parse_duration,
     production,
@@ -19,5 +20,5 @@ from fovea.deploy._deploy import (
     takes_turn,
 )
 
-__all__ = ["STRATEGIES", "Thresholds", "View", "active", "advance", "deployments", "judge", "parse_duration",
+__all__ = ["STRATEGIES", "Thresholds", "View", "active", "advance", "deployments", "figures_now", "judge", "parse_duration",
            "production", "promote", "refresh", "rollback", "start", "stats", "sticky_bucket", "takes_turn"]

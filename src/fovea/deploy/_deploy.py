@@ -232,6 +232,13 @@ def stats(d: View, store: Store, since: datetime | None = None) -> dict[str, Any
             "agreement": sum(a == b for a, b in pairs) / len(pairs) if pairs else None}
 
 
+def figures_now(d: View, store: Store) -> dict[str, Any] | None:
+    """What a running deployment is judged on now: a canary's current step, a shadow's whole run."""
+    if d.state != "running":
+        return None
+    return stats(d, store, since=d.step_started if d.strategy == "canary" else None)
+
+
 def judge(figures: dict[str, Any], limits: Thresholds) -> str | None:
     """Why the candidate regressed, or None while it is healthy (or has too few samples to tell)."""
     c, p = figures.get("candidate") or {}, figures.get("production") or {}

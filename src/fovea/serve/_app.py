@@ -840,7 +840,7 @@ def create_app(config: ServeConfig) -> Any:
 
         out: dict[str, Any] = d.to_dict()
         if d.state == "running":
-            out["figures"] = deploy.stats(d, store, since=d.step_started if d.strategy == "canary" else None)
+            out["figures"] = deploy.figures_now(d, store)
         return out
 
     @app.get("/v1/admin/deployments")
