@@ -139,6 +139,13 @@ def test_predict_and_evaluate_accept_every_compressed_artifact(run: Path, result
         assert abs(m["accuracy"] - rows(result)[method]["accuracy"]) < 1e-9  # the table describes this artifact
         probs = load_single(folder, "cpu").predict_proba(x)
         assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    onnx = run / "compressed" / "onnx"  # the drift reference travels with the artifact; no embeddings from ORT
+    code, out, err = run_main(["drift", "--model", str(onnx), "--data", str(pets / "val" / "dog"), "--json"],
+                              monkeypatch, capsys)
+    assert code == 0, err
+    drift = json.loads(out)["drift"]
+    assert {t["family"] for t in drift["tests"]} == {"image_stats", "label_shift", "confidence"}
+    assert "embedding_mmd" in drift["skipped"]
 
 
 def test_low_precision_runs_natively_only_where_the_hardware_does(run: Path, result: dict) -> None:

@@ -80,8 +80,21 @@ class Row:
 
 
 def _size(path: Path) -> int:
-    """Bytes of the model file(s) in an artifact folder, model.json excluded (it is the same for all)."""
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != META)
+    """Bytes of the model file(s) in an artifact folder; model.json and the drift reference excluded (the same
+    for all)."""
+    from fovea.monitor import REFERENCE
+
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in (META, REFERENCE))
+
+
+def _carry_reference(run: Path, folder: Path) -> None:
+    """The source's drift reference goes with each artifact: a compressed model sees the same validation
+    images, and its image statistics and predictions are what drift checks compare (ONNX Runtime and
+    torch.export expose no embeddings, so their embedding tests do not run)."""
+    from fovea.monitor import REFERENCE
+
+    if (run / REFERENCE).exists():
+        shutil.copy2(run / REFERENCE, folder / REFERENCE)
 
 
 def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -404,6 +417,7 @@ def compress(
                                 verdict=f"failed: {e}"))
                 continue
             details["build_seconds"] = round(time.perf_counter() - t0, 2)
+            _carry_reference(run, folder)
             if cams is not None and (Path(tmp) / "fp32.onnx").exists():
                 cams.reference = Path(tmp) / "fp32.onnx"
             loaded = load_single(folder, "cpu")
