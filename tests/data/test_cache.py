@@ -72,7 +72,7 @@ def test_real_photos_become_a_uint8_tensor(photos: list[Sample]) -> None:
     assert out.paths == [s.path for s in photos]
     assert out.quarantined == []
     for i, s in enumerate(photos):  # same pixels as the one resize used everywhere else
-        expected = torch.from_numpy(load_square(s.path, SIZE)).permute(2, 0, 1)
+        expected = torch.from_numpy(load_square(s.path, SIZE).copy()).permute(2, 0, 1)
         assert torch.equal(out.images[i], expected)
     assert out.images.float().std() > 10  # real photos, not blank
 
