@@ -344,13 +344,9 @@ async def measure_server(args: argparse.Namespace, images: Images, label: str, b
 
 
 def machine() -> str:
-    cpu = "CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, httpx {httpx.__version__}"
+    from fovea.compare import machine as hardware  # the CPU (and GPU) line every Fovea benchmark prints
+
+    return f"{hardware()}, Python {sys.version.split()[0]}, httpx {httpx.__version__}"
 
 
 def median_load(loads: list[Load]) -> Load:
