@@ -132,7 +132,7 @@ def vote(store: Store, review_id: int, label: str, reviewer: str, classes: list[
 
 def _original_data(meta: dict[str, Any], data: str | Path | None) -> Path:
     root = Path(data) if data else Path(str((meta.get("data") or {}).get("root", "")))
-    if not root.is_dir():
+    if not (root.is_dir() or (root.is_file() and root.suffix.lower() == ".csv")):
         raise FoveaError(f"the original training data is not at {root or '(unknown)'}; give it with --data")
     return root
 
@@ -143,25 +143,52 @@ def _link(src: Path, dest: Path) -> None:
         dest.symlink_to(src.resolve())
 
 
-def merged_data(name: str, original: Path, out: Path) -> dict[str, int]:
-    """``out`` = the original data (symbolic links, its layout kept) + every labelled image of ``name`` in the
-    training split. Returns how many labelled images each class gained."""
+def _labelled(name: str) -> list[Path]:
+    folder = labelled_dir(name)
+    return sorted(f for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+
+
+def merged_data(name: str, original: Path, out: Path) -> tuple[Path, dict[str, int]]:
+    """The original data plus every labelled image of ``name``: (what to train on, images gained per class).
+
+    A folder is mirrored in ``out`` with symbolic links, its layout kept, the labelled images joining the
+    training split; a CSV (path,label[,group]) becomes ``out/data.csv`` with absolute paths and the labelled
+    images as extra rows (each its own group).
+    """
+    import csv
+
     from fovea.data._io import IMAGE_EXTENSIONS
 
     if out.exists():
         shutil.rmtree(out)
-    split = any((original / s).is_dir() for s in ("train",))
+    out.mkdir(parents=True)
+    gained: dict[str, int] = {}
+    for f in _labelled(name):
+        gained[f.parent.name] = gained.get(f.parent.name, 0) + 1
+    if original.is_file():
+        with original.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+        if "path" not in fields or "label" not in fields:
+            raise FoveaError(f"{original} needs 'path' and 'label' columns")
+        for r in rows:
+            r["path"] = str((original.parent / r["path"]).resolve())
+        rows += [{"path": str(f.resolve()), "label": f.parent.name,
+                  **({"group": f"labelled-{f.stem}"} if "group" in fields else {})} for f in _labelled(name)]
+        target = out / "data.csv"
+        with target.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        return target, gained
+    split = (original / "train").is_dir()
     for f in sorted(original.rglob("*")):
         if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
             _link(f, out / f.relative_to(original))
-    gained: dict[str, int] = {}
-    labelled = labelled_dir(name)
-    for f in sorted(labelled.rglob("*")) if labelled.is_dir() else []:
-        if f.is_file():
-            cls = f.parent.name
-            _link(f, (out / "train" if split else out) / cls / f"labelled-{f.name}")
-            gained[cls] = gained.get(cls, 0) + 1
-    return gained
+    for f in _labelled(name):
+        _link(f, (out / "train" if split else out) / f.parent.name / f"labelled-{f.name}")
+    return out, gained
 
 
 def retrain(name: str, *, data: str | Path | None = None, store: Store | None = None, progress: bool = True,
@@ -181,12 +208,12 @@ def retrain(name: str, *, data: str | Path | None = None, store: Store | None = 
                          "retrain its source run instead")
     original = _original_data(meta, data)
     version_dir = home() / "retrain" / name / f"from-{current.version}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
-    gained = merged_data(name, original, version_dir / "data")
+    merged, gained = merged_data(name, original, version_dir / "data")
     if not gained:
         raise FoveaError(f"no labelled images for {name} yet: confirm some in the review queue first")
     settings = {k: v for k, v in meta["training"].items() if k in config_fields() and k not in ("data", "out", "resume")}
     settings.update(overrides)
     settings.update(out=str(version_dir / "run"), progress=progress)
-    run = fovea.train(version_dir / "data", **settings)
+    run = fovea.train(merged, **settings)
     return registry.add(run, name, alias="candidate", store=store), gained
 

@@ -70,3 +70,23 @@ def test_label_correct_retrain(run: Path, pets_root: Path, fovea_home: Path, mon
     assert read_meta(v2.path)["training"]["model"] == "cnn" and v2.version == 2
     d = deploy.start("pets:candidate", "canary", percent=10)
     assert d.candidate is not None and d.candidate.version == 2 and json.dumps(d.to_dict())
+
+
+def test_a_csv_dataset_is_merged_with_the_labelled_images(tiny_pets: Path, tmp_path: Path, fovea_home: Path) -> None:
+    import csv
+
+    from fovea.review import labelled_dir, merged_data
+
+    files = sorted((tiny_pets / "train").glob("*/*.jpg"))[:6]
+    original = tmp_path / "set.csv"
+    original.write_text("path,label,group\n" + "".join(
+        f"{Path(*f.parts[-3:])},{f.parent.name},g{i}\n" for i, f in enumerate(files)))
+    for p in files:  # the CSV's paths are relative to it
+        (tmp_path / Path(*p.parts[-3:])).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / Path(*p.parts[-3:])).write_bytes(p.read_bytes())
+    (labelled_dir("pets") / "dog").mkdir(parents=True)
+    (labelled_dir("pets") / "dog" / "abc.jpg").write_bytes(files[0].read_bytes())
+    merged, gained = merged_data("pets", original, tmp_path / "out")
+    rows = list(csv.DictReader(merged.open()))
+    assert gained == {"dog": 1} and len(rows) == 7 and all(Path(r["path"]).is_file() for r in rows)
+    assert rows[-1]["label"] == "dog" and rows[-1]["group"] == "labelled-abc"
