@@ -1081,11 +1081,18 @@ def drift_command(
 
     from fovea import registry
     from fovea.artifact import META, load
-    from fovea.data._io import IMAGE_EXTENSIONS
+    from fovea.data import IMAGE_EXTENSIONS
+    from fovea.monitor import (
+        alert,
+        check,
+        header_size,
+        load_reference,
+        save_reference,
+        window_from_files,
+        window_from_store,
+        write_drift_report,
+    )
     from fovea.monitor import build_reference as build
-    from fovea.monitor import header_size, save_reference
-    from fovea.monitor._report import write_drift_report
-    from fovea.monitor._watch import alert, check, window_from_files, window_from_store
 
     folder = Path(model)
     if (folder / META).exists():
@@ -1119,13 +1126,12 @@ def drift_command(
 
         span = timedelta(seconds=parse_duration(since)) if since else None
         w = window_from_store(Store(db), name, version, list(loaded.classes), last=None if span else window, since=span)
-    result = check(loaded, path, name, version, w, alpha=alpha, permutations=permutations)
+    reference = load_reference(path)
+    result = check(loaded, path, name, version, w, alpha=alpha, permutations=permutations, reference=reference)
     result.unreadable = unreadable
     alert(result, webhook)
     if report is not None:
-        from fovea.monitor import load_reference
-
-        write_drift_report(report, result, load_reference(path))
+        write_drift_report(report, result, reference)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), default=float))
     else:

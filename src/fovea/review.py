@@ -157,7 +157,7 @@ def merged_data(name: str, original: Path, out: Path) -> tuple[Path, dict[str, i
     """
     import csv
 
-    from fovea.data._io import IMAGE_EXTENSIONS
+    from fovea.data import IMAGE_EXTENSIONS
 
     if out.exists():
         shutil.rmtree(out)
@@ -198,7 +198,7 @@ def retrain(name: str, *, data: str | Path | None = None, store: Store | None = 
     import fovea
     from fovea import registry
     from fovea.artifact import read_meta
-    from fovea.training._loop import config_fields
+    from fovea.training import config_fields
 
     store = store or Store()
     current = registry.resolve(name, store=store)  # its production version

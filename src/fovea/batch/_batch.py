@@ -49,7 +49,7 @@ class BatchResult:
 
 def list_inputs(source: Path) -> list[tuple[str, Path]]:
     """(input key, file) for a folder (every image file below it) or a CSV with a ``path`` column."""
-    from fovea.data._io import IMAGE_EXTENSIONS
+    from fovea.data import IMAGE_EXTENSIONS
 
     if not source.exists():
         raise FoveaError(f"{source} does not exist")

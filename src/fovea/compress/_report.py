@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fovea.evaluation._report import CSS, _table
+from fovea.evaluation import REPORT_CSS as CSS
+from fovea.evaluation import table_html as _table
 
 if TYPE_CHECKING:
     from fovea.compress._compress import _GradCam

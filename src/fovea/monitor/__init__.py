@@ -12,8 +12,11 @@ from fovea.monitor._reference import (
     observe_files,
     save_reference,
 )
+from fovea.monitor._report import write_drift_report
 from fovea.monitor._stats import STATS, header_size, image_stats
+from fovea.monitor._watch import Check, Window, alert, check, window_from_files, window_from_store
 
-__all__ = ["FAMILIES", "REFERENCE", "STATS", "ConceptResult", "DriftResult", "Sample", "build_reference",
-           "concept_drift", "detect", "expected_calibration_error", "header_size", "image_stats",
-           "load_reference", "mmd_permutation_test", "observe", "observe_files", "save_reference"]
+__all__ = ["FAMILIES", "REFERENCE", "STATS", "Check", "ConceptResult", "DriftResult", "Sample", "Window", "alert",
+           "build_reference", "check", "concept_drift", "detect", "expected_calibration_error", "header_size",
+           "image_stats", "load_reference", "mmd_permutation_test", "observe", "observe_files", "save_reference",
+           "window_from_files", "window_from_store", "write_drift_report"]

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from fovea.evaluation._report import CSS, _png, _table
+from fovea.evaluation import REPORT_CSS as CSS
+from fovea.evaluation import figure_html as _png
+from fovea.evaluation import table_html as _table
 from fovea.monitor._reference import Sample
 from fovea.monitor._stats import STATS
 from fovea.monitor._watch import Check

@@ -103,9 +103,9 @@ def window_from_files(model: Any, paths: list[Path]) -> tuple[Window, list[tuple
 
 
 def check(model: Any, folder: Path, name: str, version: int, window: Window, *, alpha: float = 0.05,
-          permutations: int = 1000, seed: int = 0) -> Check:
-    """Test ``window`` against the reference saved in the artifact ``folder``."""
-    reference = load_reference(folder)
+          permutations: int = 1000, seed: int = 0, reference: Sample | None = None) -> Check:
+    """Test ``window`` against the reference saved in the artifact ``folder`` (or ``reference``, already loaded)."""
+    reference = reference if reference is not None else load_reference(folder)
     if len(window.sample) < 10:
         raise FoveaError(f"only {len(window.sample)} images in the window; a drift test needs at least 10")
     drift = detect(reference, window.sample, list(model.classes), alpha=alpha, permutations=permutations, seed=seed)

@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fovea.errors import ImageError
+from fovea.errors import FoveaError, ImageError
 from fovea.serve._fleet import Fleet, Route, Served
 
 log = logging.getLogger("fovea.serve")
@@ -135,10 +135,10 @@ def _precomputed(store: Any, s: Served, blobs: list[bytes]) -> dict[int, dict[st
     return {i: {k: float(v) for k, v in found[f].items()} for i, f in enumerate(prints) if f in found}
 
 
-def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tensor, list[int], list[tuple[int, str]],
-                                                                     np.ndarray]:
+def _decode(model: Any, blobs: list[bytes], max_pixels: int,
+            stats: bool = True) -> tuple[torch.Tensor, list[int], list[tuple[int, str]], np.ndarray | None]:
     """Decode and resize with the model's preprocessing; (images, kept indexes, (index, reason), image statistics
-    of the kept images for drift monitoring)."""
+    of the kept images for drift monitoring, when ``stats``)."""
     from fovea.data import load_square
     from fovea.monitor import header_size, image_stats
 
@@ -155,7 +155,7 @@ def _decode(model: Any, blobs: list[bytes], max_pixels: int) -> tuple[torch.Tens
     if not arrays:
         return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad, np.zeros((0, 9))
     x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
-    return x, kept, bad, image_stats(x, [header_size(blobs[i]) for i in kept])
+    return x, kept, bad, image_stats(x, [header_size(blobs[i]) for i in kept]) if stats else None
 
 
 def create_app(config: ServeConfig) -> Any:
@@ -217,23 +217,22 @@ def create_app(config: ServeConfig) -> Any:
     def drift_once(s: Served) -> Any:
         """One drift check of the model answering now, over its newest answers; None when it cannot run yet."""
         from fovea._home import home
-        from fovea.monitor import REFERENCE, load_reference
-        from fovea.monitor._report import write_drift_report
-        from fovea.monitor._watch import alert, check, window_from_store
+        from fovea.monitor import REFERENCE, alert, check, load_reference, window_from_store, write_drift_report
 
         folder = Path(getattr(s.model, "path", ""))
         if not (folder / REFERENCE).exists():
             return None
         try:
             window = window_from_store(state["store"], s.name, s.version, list(s.model.classes), last=config.drift_window)
-        except Exception:  # noqa: BLE001 - nothing logged yet
+        except FoveaError:  # nothing logged yet
             return None
         if len(window.sample) < min(50, config.drift_window):
             return None
-        result = check(s.model, folder, s.name, s.version, window)
+        reference = load_reference(folder)
+        result = check(s.model, folder, s.name, s.version, window, reference=reference)
         alert(result, config.drift_webhook)
         out = home() / "drift" / s.name / str(s.version)
-        write_drift_report(out / "latest.html", result, load_reference(folder))
+        write_drift_report(out / "latest.html", result, reference)
         with (out / "history.jsonl").open("a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result.to_dict()},
                                default=float) + "\n")
@@ -342,11 +341,12 @@ def create_app(config: ServeConfig) -> Any:
         raise HTTPProblem(415, f"content type {ctype!r} is not an image; send image/*, application/octet-stream, "
                                "multipart/form-data or application/json with base64")
 
-    async def decode(model: Any, blobs: list[bytes]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]], np.ndarray]:
+    async def decode(model: Any, blobs: list[bytes]) -> tuple[torch.Tensor, list[int], list[tuple[int, str]],
+                                                              np.ndarray | None]:
         # A pool of its own, one thread per core: decoding on the 40 threads of the default pool gave glibc a
         # malloc arena per thread, each keeping freed image buffers (resident memory grew through a soak).
         return await asyncio.get_running_loop().run_in_executor(state["decoders"], _decode, model, blobs,
-                                                                config.max_pixels)
+                                                                config.max_pixels, config.log_predictions)
 
     async def predict_blobs(s: Served, blobs: list[bytes]) -> tuple[torch.Tensor, np.ndarray, list[int],
                                                                     list[tuple[int, str]], dict[str, Any]]:
@@ -730,7 +730,7 @@ def create_app(config: ServeConfig) -> Any:
         name = served().name
         try:
             versions = await run_in_threadpool(registry.versions, name, store=store)
-        except Exception:  # noqa: BLE001 - a model folder served outside the registry
+        except FoveaError:  # a model folder served outside the registry
             versions = []
         rows = []
         for v in versions:
@@ -795,7 +795,7 @@ def create_app(config: ServeConfig) -> Any:
             raise HTTPProblem(409, "predictions are not logged (--no-log): there is no traffic to test")
         try:
             result = await run_in_threadpool(drift_once, served())
-        except Exception as e:  # noqa: BLE001 - a missing reference, too few answers: say so
+        except (FoveaError, ValueError) as e:  # a broken reference, too few answers: say so
             raise HTTPProblem(409, str(e)) from e
         if result is None:
             raise HTTPProblem(409, "not enough answers logged yet, or the model has no drift reference")
@@ -860,12 +860,14 @@ def create_app(config: ServeConfig) -> Any:
         store = admin(request)
         body = await json_body(request)
         try:
-            kw = {"percent": body.get("percent"), "steps": body.get("steps"),
+            percent, steps = body.get("percent"), body.get("steps")
+            kw = {"percent": None if percent is None else float(percent),
+                  "steps": None if steps is None else [float(x) for x in steps],
                   "interval_s": deploy.parse_duration(body.get("interval", 600)), "thresholds": body.get("thresholds")}
             ref, strategy = str(body["model"]), str(body["strategy"])
         except KeyError as e:
             raise HTTPProblem(422, f"missing {e.args[0]!r}: send {{\"model\": \"NAME:VERSION\", \"strategy\": ...}}") from e
-        except Exception as e:  # noqa: BLE001 - a FoveaError from parse_duration, a wrong type
+        except (FoveaError, TypeError, ValueError) as e:  # a bad duration, a percent or step that is no number
             raise HTTPProblem(422, str(e)) from e
         d = await admin_call(deploy.start, ref, strategy, store=store, **kw)
         return JSONResponse(d.to_dict(), status_code=201)

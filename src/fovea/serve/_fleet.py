@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ class Served:
     digest: str = ""
     version_id: int | None = None  # the registry row
     ready: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
