@@ -127,7 +127,8 @@ def test_a_failed_model_is_recorded_and_the_others_go_on(tiny_pets: Path, tmp_pa
 def test_cli_prints_the_table(tiny_pets: Path, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     result = CliRunner().invoke(app, ["compare", str(tiny_pets), "--models", "mlp,cnn", "--epochs", "1",
-                                      "--image-size", "32", "--out", str(out), "-q"], env={"COLUMNS": "200"})
+                                      "--image-size", "32", "--preprocess", "gray", "--out", str(out), "-q"],
+                           env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     header = next(line for line in result.output.splitlines() if "parameters" in line)
     for name in ("model", "MFLOPs/image", "val acc", "balanced acc", "ROC-AUC", "train s", "wall s"):
@@ -135,7 +136,10 @@ def test_cli_prints_the_table(tiny_pets: Path, tmp_path: Path) -> None:
     rows = [line for line in result.output.splitlines() if line.strip("│ ").startswith(("mlp ", "cnn "))]
     assert len(rows) == 2
     assert "whole command" in result.output and str(out / "compare.md") in result.output
-    assert (out / "mlp" / "model.safetensors").is_file() and (out / "cnn" / "model.safetensors").is_file()
+    for name in ("mlp", "cnn"):
+        assert (out / name / "model.safetensors").is_file()
+        steps = json.loads((out / name / "model.json").read_text())["preprocessing"]["steps"]
+        assert [s["op"] for s in steps] == ["gray"]  # --preprocess reached every model
 
 
 def test_cli_exits_non_zero_only_when_every_model_fails(tiny_pets: Path, tmp_path: Path) -> None:

@@ -133,7 +133,7 @@ def train(
     freeze: Annotated[float | None, typer.Option(help="finetune: share of the backbone frozen from the input side (0-1).")] = None,
     head_epochs: Annotated[int | None, typer.Option(help="finetune: epochs training only the new head first (default 1-3).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size in px (default: per model and device).")] = None,
-    preprocess: Annotated[str | None, typer.Option(help="Classical operations applied to every image after the resize, e.g. gray,clahe or gray,clahe:clip=3 (`fovea ops list`); recorded in the model, so predict and serve apply them too.")] = None,
+    preprocess: Annotated[str | None, typer.Option(help="Classical operations applied to every image after the resize, e.g. gray,clahe or gray,clahe:clip=3 (`fovea ops list`); recorded in the model, so predict and serve apply them too. A --weights run's steps are kept unless you give others or `none`.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: from data size and device).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -327,6 +327,7 @@ def compare(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
     pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained", help="timm hub weights (default for timm architectures; needs the network).")] = None,
+    preprocess: Annotated[str | None, typer.Option(help="Classical steps after the resize for every model, as `fovea train --preprocess` (e.g. gray,clahe).")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the runs (OUT/MODEL) and the table (default runs/compare-DATA-TIME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -343,7 +344,8 @@ def compare(
     start = time.perf_counter()
     root = out or default_out(data)
     rows = run_compare(data, models.split(","), out=root, progress=not quiet, epochs=epochs, image_size=image_size,
-                       batch_size=batch_size, device=device, seed=seed, pretrained=pretrained)
+                       batch_size=batch_size, device=device, seed=seed, pretrained=pretrained,
+                       **({"preprocess": preprocess} if preprocess else {}))
     con = Console()
     t = rich_table(rows, title=f"fovea compare: {escape(str(data))}", width=con.width)
     con.print(t)
@@ -401,6 +403,7 @@ def lr_find(
     steps: Annotated[int, typer.Option(help="Mini-batches in the sweep, one LR each (the data is cycled).")] = 100,
     val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split (held out, as in train).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed: initial weights, batch order, augmentation.")] = 0,
+    preprocess: Annotated[str | None, typer.Option(help="Classical steps after the resize, as `fovea train --preprocess` (e.g. gray,clahe); default: none, or the --weights run's.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for lr_find.png and lr_find.csv (default runs/lr-find-DATA-TIME).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -410,7 +413,8 @@ def lr_find(
     _setup_logging(quiet)
     r = run_lr_find(data, out=out, start_lr=start_lr, end_lr=end_lr, steps=steps, model=model, weights=weights,
                     pretrained=pretrained, optimizer=optimizer, batch_size=batch_size, image_size=image_size,
-                    device=device, val_fraction=val_fraction, seed=seed, progress=not quiet)
+                    device=device, val_fraction=val_fraction, seed=seed, preprocess=preprocess or (),
+                    progress=not quiet)
     stop = (f"stopped at LR {r.diverged_lr:.3g}, where the smoothed loss passed 4x its minimum"
             if r.diverged_lr is not None else f"no blow-up up to LR {r.lrs[-1]:.3g} ({len(r.lrs)} steps)")
     typer.echo(f"suggested --lr {r.suggestion:.3g}  ({r.rule})\n"

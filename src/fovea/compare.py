@@ -25,7 +25,7 @@ log = logging.getLogger("fovea.compare")
 # resume) or starts from one model's weights (weights, mode, freeze), which cannot hold across architectures.
 TRAIN_OPTIONS = ("epochs", "image_size", "batch_size", "device", "seed", "pretrained", "val_fraction", "cache",
                  "augment", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing", "tta", "dropout",
-                 "amp", "channels_last", "compile", "patience", "monitor")
+                 "amp", "channels_last", "compile", "patience", "monitor", "preprocess")
 
 # (header, row key, format): one table for the terminal (rich) and compare.md. Three decimals of accuracy:
 # a 1000-image val set resolves 0.1 %, and its 95 % interval is some ±2 % wide anyway.

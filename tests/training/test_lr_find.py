@@ -171,10 +171,11 @@ def test_weights_from_a_run_sweep_the_finetuning_lr(tiny_pets: Path, tmp_path: P
 def test_cli_prints_the_suggestion_and_the_command(tiny_pets: Path, tmp_path: Path) -> None:
     out = tmp_path / "lrf"
     result = CliRunner().invoke(app, ["lr-find", str(tiny_pets), "--model", "mlp", "--image-size", "32",
-                                      "--batch-size", "16", "--out", str(out), "--quiet"])
+                                      "--batch-size", "16", "--preprocess", "gray", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "suggested --lr" in result.stdout and "steepest descent" in result.stdout
     assert f"fovea train {tiny_pets} --model mlp" in result.stdout and " --lr " in result.stdout
+    assert "--preprocess gray" in result.stdout  # the curve was measured on the images train will see
     assert (out / "lr_find.png").is_file() and (out / "lr_find.csv").is_file()
 
 

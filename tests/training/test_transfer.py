@@ -232,3 +232,14 @@ def test_auto_records_what_it_measured(tiny_pets: Path, backbone: Path, tmp_path
     assert t["auto"]["n_train"] == 80 and t["auto"]["size"] == "small" and t["auto"]["shift"] is not None
     assert t["mode"] == ("features" if t["auto"]["similar"] else "finetune")
     assert json.loads((run / "train_config.json").read_text())["mode"] == t["mode"]  # resume keeps the choice
+
+
+def test_a_weights_run_passes_on_its_preprocessing_unless_told_otherwise(tiny_pets: Path, tmp_path: Path) -> None:
+    gray = fovea.train(tiny_pets, model="cnn", epochs=1, preprocess="gray", out=str(tmp_path / "gray"),
+                       extra={"widths": (8, 16, 32, 64)}, **TINY)
+    steps = json.loads((gray / "model.json").read_text())["preprocessing"]["steps"]
+    assert [s["op"] for s in steps] == ["gray"]
+    child = fovea.train(tiny_pets, weights=str(gray), mode="features", out=str(tmp_path / "child"), **TINY)
+    assert json.loads((child / "model.json").read_text())["preprocessing"]["steps"] == steps
+    colour = fovea.train(tiny_pets, weights=str(gray), mode="features", preprocess="none", out=str(tmp_path / "c"), **TINY)
+    assert json.loads((colour / "model.json").read_text())["preprocessing"]["steps"] == []

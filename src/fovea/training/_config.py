@@ -105,7 +105,7 @@ class TrainConfig:
                 re.compile(self.group_regex)
             except re.error as e:
                 raise FoveaError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from e
-        if self.preprocess:
+        if self.preprocess and self.preprocess != "none":
             from fovea.ops import parse_steps
 
             try:

@@ -160,13 +160,20 @@ def _follow_weights_run(cfg: TrainConfig, meta: dict[str, Any] | None) -> TrainC
         raise FoveaError(f"--weights {cfg.weights} holds a {arch.get('name')}, not a {cfg.model}; "
                          f"drop --model or use --model {arch.get('name')}")
     kwargs = {k: v for k, v in arch.get("kwargs", {}).items() if k != "drop_rate"}
-    return dataclasses.replace(cfg, model=arch.get("name"), extra={**kwargs, **cfg.extra},
+    preprocess = cfg.preprocess
+    recorded = meta.get("preprocessing", {}).get("steps") or []
+    if not preprocess and recorded:  # the backbone learnt on preprocessed images: keep feeding it those
+        from fovea.ops import parse_steps
+
+        preprocess = ",".join(str(s) for s in parse_steps(recorded))
+        log.info("preprocess: %s, as the --weights run was trained (--preprocess none to drop it)", preprocess)
+    return dataclasses.replace(cfg, model=arch.get("name"), extra={**kwargs, **cfg.extra}, preprocess=preprocess,
                                image_size=cfg.image_size or int(meta["preprocessing"]["image_size"]))
 
 
 def _steps(cfg: TrainConfig) -> list[Any]:
     """The --preprocess steps (fovea.ops.Step); OpenCV is imported only when there are some."""
-    if not cfg.preprocess:
+    if not cfg.preprocess or cfg.preprocess == "none":
         return []
     from fovea.ops import parse_steps
 

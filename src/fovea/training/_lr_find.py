@@ -31,7 +31,7 @@ from fovea.errors import FoveaError
 from fovea.models import create_model, default_config, source_of
 from fovea.models._transfer import load_weights, read_weights
 from fovea.training._config import TrainConfig, resolve
-from fovea.training._loop import _follow_weights_run, cpu_has_bf16, make_optimizer
+from fovea.training._loop import _follow_weights_run, _steps, cpu_has_bf16, make_optimizer
 from fovea.training._transfer import finetune_param_groups
 
 log = logging.getLogger("fovea.training")
@@ -172,7 +172,8 @@ def range_test(step: Callable[[torch.Tensor, torch.Tensor, float], float],
 
 # Options a user may set that change what a learning rate means, with TrainConfig's defaults.
 _PASSED_ON = {"weight_decay": ("--weight-decay", None), "label_smoothing": ("--label-smoothing", 0.1),
-              "augment": ("--augment", None), "dropout": ("--dropout", None), "device": ("--device", "auto")}
+              "augment": ("--augment", None), "dropout": ("--dropout", None), "device": ("--device", "auto"),
+              "preprocess": ("--preprocess", ())}
 
 
 def _train_args(given: TrainConfig, cfg: TrainConfig, transfer: bool, from_run: bool) -> list[str]:
@@ -245,7 +246,7 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
     transfer = bool(cfg.weights or cfg.pretrained)
     size = int(cfg.image_size or 64)
     train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress,
-                            description="decoding train")
+                            description="decoding train", preprocess=_steps(cfg))
     for p, r in train_set.quarantined:
         log.warning("quarantined %s: %s", p, r)
     if len(train_set) == 0:
