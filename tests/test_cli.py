@@ -116,6 +116,20 @@ def test_train_on_a_missing_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_check_and_ops_start_without_torch(tiny_pets: Path, tmp_path: Path) -> None:
+    """Importing torch costs seconds; the commands that only read images must not pay for it."""
+    image = next(tiny_pets.rglob("*.jpg"))
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom fovea.cli import app\n"
+            f"for args in (['check', {str(tiny_pets)!r}, '--json'], ['ops', 'gray,clahe', {str(image)!r}, '--out', "
+            f"{str(tmp_path / 'g.png')!r}]):\n"
+            "    r = CliRunner().invoke(app, args)\n    assert r.exit_code == 0, r.output\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert (tmp_path / "g.png").is_file()
+
+
 def test_demo_without_pets_trains_on_the_digits_and_evaluates_only_unseen_images(
         tmp_path: Path, fovea_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fovea.demo as demo

@@ -1,9 +1,27 @@
 """Data: find images and labels, decode them safely once, batch and augment them on the device."""
 
-from fovea.data._cache import ImageSet, load_images
+from typing import TYPE_CHECKING, Any
+
 from fovea.data._io import IMAGE_EXTENSIONS, load_square, read_image
 from fovea.data._layout import Dataset, Sample, discover, eval_samples, kfold, with_groups
-from fovea.data._loader import AUGMENTATIONS, Batches, augment, normalize
+
+if TYPE_CHECKING:
+    from fovea.data._cache import ImageSet, load_images
+    from fovea.data._loader import AUGMENTATIONS, Batches, augment, normalize
+
+# The cache and the batches need torch (2-3 s to import); reading images and finding data sets do not, so
+# commands such as `fovea ops` and `fovea check` start without it.
+_NEEDS_TORCH = {"ImageSet": "_cache", "load_images": "_cache", "AUGMENTATIONS": "_loader", "Batches": "_loader",
+                "augment": "_loader", "normalize": "_loader"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NEEDS_TORCH:
+        import importlib
+
+        return getattr(importlib.import_module(f"fovea.data.{_NEEDS_TORCH[name]}"), name)
+    raise AttributeError(f"module 'fovea.data' has no attribute {name!r}")
+
 
 __all__ = [
     "AUGMENTATIONS", "IMAGE_EXTENSIONS", "Batches", "Dataset", "ImageSet", "Sample", "augment", "discover", "eval_samples",

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fovea._home import cache_dir
-from fovea.data._io import MAX_PIXELS, load_square
+from fovea.data._io import MAX_PIXELS, load_square, progress_bar
 from fovea.data._layout import Sample
 from fovea.errors import FoveaError, ImageError
 
@@ -123,15 +123,6 @@ def _decode_all(paths: list[str], size: int, max_pixels: int, workers: int, bar:
     return out, results
 
 
-def _progress(total: int, description: str, enabled: bool):  # noqa: ANN202 - rich types are noisy
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=True,
-    )
-
-
 def load_images(
     samples: Sequence[Sample],
     size: int,
@@ -164,7 +155,7 @@ def load_images(
         if hit is not None:
             log.info("image cache hit: %d images at %d px (%s)", len(hit), size, key)
             return hit
-    with _progress(len(samples), description, progress) as bar:
+    with progress_bar(len(samples), description, progress) as bar:
         task = bar.add_task(description, total=len(samples))
         arr, results = _decode_all(paths, size, max_pixels, workers, bar, task, preprocess)
     quarantined = [(p, reason) for p, (_, reason) in zip(paths, results) if reason is not None]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fovea.data._io import MAX_PIXELS, open_image, read_image
+from fovea.data._io import MAX_PIXELS, open_image, progress_bar, read_image
 from fovea.data._layout import discover
 from fovea.errors import ImageError
 
@@ -86,11 +86,10 @@ def check(
     group_regex: str | None = None,
 ) -> dict[str, Any]:
     """Inspect every file of a data set; returns a JSON-ready report (see ``fovea check --help``)."""
-    from fovea.data._cache import _progress
 
     ds = discover(data, val_fraction, seed, group_regex=group_regex)
     entries = [(split, s) for split, ss in ds.splits.items() for s in ss]
-    with _progress(len(entries), "checking", progress) as bar, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with progress_bar(len(entries), "checking", progress) as bar, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         task = bar.add_task("checking", total=len(entries))
         recs = []
         for rec in pool.map(lambda e: _inspect(e[1].path, max_pixels), entries):

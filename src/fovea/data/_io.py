@@ -171,3 +171,13 @@ def load_square(source: str | Path | bytes, size: int, max_pixels: int = MAX_PIX
     from fovea.ops import preprocess
 
     return preprocess(square, list(steps))
+
+
+def progress_bar(total: int, description: str, enabled: bool):  # noqa: ANN202 - rich types are noisy
+    """A transient rich bar (done of total, time left); nothing when disabled (logs, pipes, tests)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=True,
+    )
