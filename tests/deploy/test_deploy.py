@@ -285,3 +285,20 @@ def test_a_registry_without_a_production_alias_is_still_served(run: Path, photos
         assert post(c, photos[0])["model_version"] == 2
     with pytest.raises(FoveaError, match="no production version"):
         deploy.start("pets:1", "canary")
+
+
+def test_open_inference_protocol_follows_the_canary_and_can_pin_a_version(run: Path, photos: list[bytes]) -> None:
+    registry.add(run, "pets")
+    registry.add(run, "pets")
+    deploy.start("pets:2", "canary", percent=50, interval_s=3600)
+    body = {"inputs": [{"name": "image_files", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(photos[0]).decode()]}]}
+    with server(log_predictions=False) as c:
+        wait_for(lambda: c.get("/v2/models/pets").json()["versions"] == ["1", "2"])
+        routed = [c.post("/v2/models/pets/infer", json=body).json()["model_version"] for _ in range(20)]
+        assert routed.count("2") == 10 and routed.count("1") == 10  # the canary's exact share, as /v1/predict
+        for v in ("1", "2"):
+            pinned = {c.post(f"/v2/models/pets/versions/{v}/infer", json=body).json()["model_version"] for _ in range(5)}
+            assert pinned == {v}
+        missing = c.post("/v2/models/pets/versions/7/infer", json=body)
+        assert missing.status_code == 404 and "loaded: 1, 2" in missing.json()["error"]

@@ -9,7 +9,9 @@ Routes:
     GET  /                              the web app (static files in ./static)
     GET  /v2/health/live, /v2/health/ready          Open Inference Protocol v2 (KServe, Triton clients)
     GET  /v2/models/{name}, /v2/models/{name}/ready
-    POST /v2/models/{name}/infer        UINT8 tensors (N, 3, S, S) or BYTES (encoded image files)
+    POST /v2/models/{name}/infer        UINT8 tensors (N, 3, S, S) or BYTES (encoded image files), routed as
+                                        /v1/predict is during a roll-out
+    POST /v2/models/{name}/versions/{v}/infer   one loaded version (production, candidate or previous)
     GET  /metrics                       Prometheus: requests, latency, batch sizes, errors, per model version
 
 Every answer that is not a prediction is a JSON ``{"error": ...}`` with a 4xx status: a non-image is 415 or
@@ -460,6 +462,37 @@ def create_app(config: ServeConfig) -> Any:
             urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
         return urls
 
+    async def answer(route: Route, blobs: list[bytes], request_id: str, client: str | None, start: float,
+                     all_or_nothing: bool = False) -> tuple[Route, torch.Tensor, np.ndarray, list[int],
+                                                             list[tuple[int, str]]]:
+        """Image files answered as the roll-out routes them: a failing canary falls back to production, the
+        shadow or reference sees the same images in the background, every answer is logged, unsure ones go to
+        review. Returns the route that answered, the images, probabilities, indexes decoded and the rest
+        (``all_or_nothing``: one unusable file fails the request, and nothing is logged)."""
+        s = route.answer
+        try:
+            x, probs, kept, bad, seen = await predict_blobs(s, blobs)
+        except ModelFailed as e:
+            if route.fallback is None:
+                raise HTTPProblem(500, str(e)) from e
+            log.warning("%s; answered by %s:%s instead", e, route.fallback.name, route.fallback.version)
+            _, kept_e, _, _ = await decode(s.model, blobs)
+            record(s, request_id, blobs, kept_e, None, (time.perf_counter() - start) * 1000, client,
+                   deployment_id=route.deployment_id, error=str(e))
+            route = Route(route.fallback, route.deployment_id)
+            s = route.answer
+            x, probs, kept, bad, seen = await predict_blobs(s, blobs)
+        if bad and all_or_nothing:
+            raise HTTPProblem(422, "; ".join(f"#{i}: {r}" for i, r in bad))
+        if route.background is not None:
+            in_background(route, blobs, x, kept, request_id, client)
+        record(s, request_id, blobs, kept, probs, (time.perf_counter() - start) * 1000, client,
+               deployment_id=route.deployment_id, seen=seen)
+        unsure = [(blobs[k], p) for k, p in zip(kept, probs) if float(p.max()) < config.review_below]
+        if unsure and state.get("store") is not None:
+            to_review(s, request_id, unsure)
+        return route, x, probs, kept, bad
+
     @app.post("/v1/predict")
     async def predict(request: Request, explain: str | None = None) -> JSONResponse:
         start = time.perf_counter()
@@ -492,27 +525,9 @@ def create_app(config: ServeConfig) -> Any:
             metrics.hybrid_hits.labels(str(s.version)).inc(len(stored))
         probs, kept, bad, x = np.zeros((0, len(s.model.classes))), [], [], None
         if online:
-            mine = [blobs[i] for i in online]
-            try:
-                x, probs, kept_o, bad_o, seen = await predict_blobs(s, mine)
-            except ModelFailed as e:
-                if route.fallback is None:
-                    raise HTTPProblem(500, str(e)) from e
-                log.warning("%s; answered by %s:%s instead", e, route.fallback.name, route.fallback.version)
-                _, kept_e, _, _ = await decode(s.model, mine)
-                record(s, request_id, mine, kept_e, None, (time.perf_counter() - start) * 1000, client,
-                       deployment_id=route.deployment_id, error=str(e))
-                route = Route(route.fallback, route.deployment_id)
-                s = route.answer
-                x, probs, kept_o, bad_o, seen = await predict_blobs(s, mine)
-            if route.background is not None:
-                in_background(route, mine, x, kept_o, request_id, client)
+            route, x, probs, kept_o, bad_o = await answer(route, [blobs[i] for i in online], request_id, client, start)
+            s = route.answer
             kept, bad = [online[k] for k in kept_o], [(online[k], r) for k, r in bad_o]
-            record(s, request_id, mine, kept_o, probs, (time.perf_counter() - start) * 1000, client,
-                   deployment_id=route.deployment_id, seen=seen)
-            unsure = [(mine[k], p) for k, p in zip(kept_o, probs) if float(p.max()) < config.review_below]
-            if unsure and state.get("store") is not None:
-                to_review(s, request_id, unsure)
         latency_ms = (time.perf_counter() - start) * 1000
         for i, p in zip(kept, probs):
             j = int(p.argmax())
@@ -554,7 +569,9 @@ def create_app(config: ServeConfig) -> Any:
     async def model_metadata(name: str) -> dict[str, Any]:
         s = model_named(name)
         size = s.model.image_size
-        return {"name": s.name, "versions": [str(s.version)], "platform": "fovea",
+        fleet: Fleet = state["fleet"]
+        held = [v for v in (fleet.current, fleet.candidate, fleet.previous) if v is not None and v.ready]
+        return {"name": s.name, "versions": [str(v.version) for v in held], "platform": "fovea",
                 "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, size, size]},
                            {"name": "image_files", "datatype": "BYTES", "shape": [-1]}],
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.model.classes)]},
@@ -566,20 +583,40 @@ def create_app(config: ServeConfig) -> Any:
         model_named(name)
         return {"ready": True}
 
+    def loaded_version(name: str, version: str) -> Served:
+        model_named(name)
+        fleet: Fleet = state["fleet"]
+        held = [v for v in (fleet.current, fleet.candidate, fleet.previous) if v is not None and v.ready]
+        for v in held:
+            if str(v.version) == version:
+                return v
+        raise HTTPProblem(404, f"version {version!r} of {name!r} is not loaded here; loaded: "
+                               f"{', '.join(str(v.version) for v in held)}")
+
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> JSONResponse:
+        """As /v1/predict routes: during a roll-out these answers follow it (canary share, shadow, fallback)."""
+        model_named(name)
+        fleet: Fleet = state["fleet"]
+        return await infer_with(fleet.route(request.headers.get("x-client-id")), request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(name: str, version: str, request: Request) -> JSONResponse:
+        """One loaded version (production, a candidate, or the previous one), whatever the roll-out says."""
+        return await infer_with(Route(loaded_version(name, version)), request)
+
+    async def infer_with(route: Route, request: Request) -> JSONResponse:
         start = time.perf_counter()
-        s = model_named(name)
+        s = route.answer
         try:
             req = json.loads(await read_body(request))
             inp = req["inputs"][0]
             dtype, shape, data = inp["datatype"], [int(d) for d in inp["shape"]], inp["data"]
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise HTTPProblem(422, 'expected {"inputs": [{"name", "shape", "datatype", "data"}]}') from e
+        request_id = str(req.get("id") or uuid.uuid4().hex)
         size = s.model.image_size
-        kept: list[int]
-        blobs: list[bytes] = []
-        if dtype == "UINT8":
+        if dtype == "UINT8":  # decoded pixels: answered, not logged (no file to fingerprint) nor shadowed
             if len(shape) != 4 or shape[1:] != [3, size, size]:
                 raise HTTPProblem(422, f"UINT8 input must have shape [N, 3, {size}, {size}], got {shape}")
             arr = np.asarray(data, dtype=np.int64).ravel()
@@ -588,23 +625,28 @@ def create_app(config: ServeConfig) -> Any:
             if shape[0] > config.max_images:
                 raise HTTPProblem(413, f"{shape[0]} images in one request; the limit is {config.max_images}")
             x = torch.from_numpy(arr.astype(np.uint8).reshape(shape))
-            probs, _ = split(s, await run_model(s, x))
-            kept = list(range(shape[0]))
+            try:
+                probs, _ = split(s, await run_model(s, x))
+            except ModelFailed as e:
+                if route.fallback is None or route.fallback.model.image_size != size:
+                    raise HTTPProblem(500, str(e)) from e
+                s = route.fallback
+                probs, _ = split(s, await run_model(s, x))
         elif dtype == "BYTES":
             try:
                 blobs = [base64.b64decode(d, validate=True) for d in data]
             except (binascii.Error, TypeError, ValueError) as e:
                 raise HTTPProblem(422, "BYTES data must be base64-encoded image files") from e
-            _, probs, kept, bad, _ = await predict_blobs(s, blobs)
-            if bad:
-                raise HTTPProblem(422, "; ".join(f"#{i}: {r}" for i, r in bad))
+            if len(blobs) > config.max_images:
+                raise HTTPProblem(413, f"{len(blobs)} images in one request; the limit is {config.max_images}")
+            # OIP answers one tensor: every input has a row, or the request fails
+            route, _, probs, _, _ = await answer(route, blobs, request_id, request.headers.get("x-client-id"), start,
+                                                 all_or_nothing=True)
+            s = route.answer
         else:
             raise HTTPProblem(422, f"datatype {dtype!r} not supported: UINT8 (decoded images) or BYTES (image files)")
+        request.state.model_version = str(s.version)
         labels = [s.model.classes[int(p.argmax())] for p in probs]
-        request_id = str(req.get("id") or uuid.uuid4().hex)
-        if blobs:
-            record(s, request_id, blobs, kept, probs, (time.perf_counter() - start) * 1000,
-                   request.headers.get("x-client-id"))
         return JSONResponse({"model_name": s.name, "model_version": str(s.version), "id": request_id,
                              "outputs": [{"name": "probabilities", "datatype": "FP32",
                                           "shape": [len(probs), len(s.model.classes)],
