@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -978,7 +979,10 @@ def deploy_command(
     from fovea import deploy
     from fovea.store import Store
 
-    plan = [float(p) for p in steps.split(",")] if steps else None
+    try:
+        plan = [float(p) for p in steps.split(",")] if steps else None
+    except ValueError:
+        raise FoveaError(f"--steps {steps!r}: give percentages separated by commas, e.g. 10,25,50,100") from None
     d = deploy.start(ref, strategy, percent=percent, steps=plan, interval_s=deploy.parse_duration(interval),
                      thresholds={"max_error_rate": max_error_rate, "max_p95_ratio": max_p95_ratio,
                                  "max_confidence_drop": max_confidence_drop, "min_agreement": min_agreement,
@@ -1098,6 +1102,10 @@ def drift_command(
     )
     from fovea.monitor import build_reference as build
 
+    if not 0 < alpha < 1:
+        raise FoveaError(f"--alpha is a significance level in (0, 1), got {alpha}")
+    if permutations < 1 or window < 1:
+        raise FoveaError(f"--permutations and --window must be at least 1, got {permutations} and {window}")
     folder = Path(model)
     if (folder / META).exists():
         name, version, path = folder.resolve().name, 0, folder
@@ -1111,10 +1119,19 @@ def drift_command(
         if version:
             raise FoveaError("a registered version's files are sealed by their digest; build the reference in the run "
                              "folder, then register it again")
-        files = sorted(p for p in build_reference.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not build_reference.is_dir():
+            raise FoveaError(f"--build-reference {build_reference}: not a folder of validation images (CLASS/*)")
+        files = sorted(p for p in build_reference.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         x, kept, bad = loaded.load_images(files)
+        if len(kept) < 20:  # the old reference, if any, stays: a handful of images describes no distribution
+            raise FoveaError(f"--build-reference {build_reference}: {len(kept)} usable images; a reference needs at "
+                             f"least 20 (a few hundred is better){f', {len(bad)} unreadable' if bad else ''}")
         index = {c: i for i, c in enumerate(loaded.classes)}
-        labels = np.array([index.get(files[i].parent.name, -1) for i in kept])
+        strangers = sorted({files[i].parent.name for i in kept} - set(index))
+        if strangers:
+            raise FoveaError(f"--build-reference {build_reference}: folder(s) {', '.join(strangers)} are not classes of "
+                             f"this model ({', '.join(loaded.classes)}); give CLASS/* folders of validation images")
+        labels = np.array([index[files[i].parent.name] for i in kept])
         out = save_reference(path, build(loaded, x, [header_size(files[i]) for i in kept], labels))
         typer.echo(f"reference of {len(kept)} images saved: {out}" + (f" ({len(bad)} unreadable)" if bad else ""))
         return
@@ -1160,6 +1177,23 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:  # a path given that cannot be read or written: an existing file as --out, a full disk
+        where = f": {e.filename}" if e.filename else ""
+        typer.echo(f"error: {e.strerror or e}{where}", err=True)
+        sys.exit(2)
+    except UnicodeDecodeError as e:
+        typer.echo(f"error: a file Fovea reads as text (a CSV, a model.json) is not UTF-8: {e.reason} at byte "
+                   f"{e.start}; save it as UTF-8", err=True)
+        sys.exit(2)
+    except MemoryError:
+        typer.echo("error: out of memory; use a smaller --image-size or --batch-size, or fewer images", err=True)
+        sys.exit(2)
+    except Exception as e:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("FOVEA_DEBUG"):
+            raise
+        typer.echo(f"error: unexpected {type(e).__name__}: {e}\n"
+                   "This is a bug in Fovea; run again with FOVEA_DEBUG=1 for the traceback and report it.", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,8 @@ def add(run: str | Path, name: str, *, alias: str | None = None, store: Store | 
     store = store or Store()
     run = Path(run)
     _check_name("model name", name)
+    if alias is not None:  # before anything is copied or registered
+        _check_name("alias", alias)
     meta = read_meta(run)
     load(run, "cpu")  # refuse what would not load: wrong shapes, a pickle, a missing file
     files = _artifact_files(run)
@@ -179,16 +181,21 @@ def set_alias(name: str, version: int, alias: str, *, store: Store | None = None
     return resolve(f"{name}:{version}", store=store)
 
 
-def open_version(v: Version, device: str = "auto") -> Any:
-    """Load a registered version after checking its files are the ones registered."""
-    from fovea.artifact import load
-
+def verify(v: Version) -> None:
+    """FoveaError unless the version's files are there and are the ones registered."""
     folder = Path(v.path)
     if not (folder / META).exists():
         raise FoveaError(f"{v.ref}: its files are gone from {folder}")
     if digest(folder) != v.digest:
         raise FoveaError(f"{v.ref}: the files in {folder} changed since they were registered (digest mismatch)")
-    return load(folder, device)
+
+
+def open_version(v: Version, device: str = "auto") -> Any:
+    """Load a registered version after checking its files are the ones registered."""
+    from fovea.artifact import load
+
+    verify(v)
+    return load(Path(v.path), device)
 
 
 def open_model(ref: str, device: str = "auto", store: Store | None = None) -> tuple[str, int, Any, str]:

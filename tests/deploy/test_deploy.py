@@ -224,6 +224,17 @@ def test_deploy_refuses_what_cannot_be_compared(run: Path, tmp_path: Path) -> No
         deploy.start("pets:3", "canary", steps=[10, 50])
     with pytest.raises(FoveaError, match="name the version"):
         deploy.start("pets", "canary")
+    for bad, message in (({"min_agreement": "x"}, "must be a number"), ({"min_agreement": 5}, "within"),
+                         ({"max_error_rate": -1}, "within"), ({"min_samples": 0}, "within"), ([1, 2], "an object")):
+        with pytest.raises(FoveaError, match=message):
+            deploy.start("pets:3", "canary", thresholds=bad)  # type: ignore[arg-type]
+    with pytest.raises(FoveaError, match="not allowed"):
+        registry.add(run, "pets", alias="a b")
+    assert [v.version for v in registry.versions("pets")] == [1, 2, 3]  # the refused add registered nothing
+    shutil.rmtree(registry.resolve("pets:3").path)
+    with pytest.raises(FoveaError, match="files are gone"):
+        deploy.start("pets:3", "canary")
+    assert deploy.active("pets", Store()) is None
 
 
 def test_the_cli_deploys_lists_and_rolls_back(run: Path, monkeypatch: pytest.MonkeyPatch,
@@ -302,3 +313,15 @@ def test_open_inference_protocol_follows_the_canary_and_can_pin_a_version(run: P
             assert pinned == {v}
         missing = c.post("/v2/models/pets/versions/7/infer", json=body)
         assert missing.status_code == 404 and "loaded: 1, 2" in missing.json()["error"]
+
+
+def test_a_candidate_that_will_not_load_is_rolled_back_not_retried_forever(run: Path, photos: list[bytes]) -> None:
+    registry.add(run, "pets")
+    registry.add(run, "pets")
+    d = deploy.start("pets:2", "canary", percent=50, interval_s=3600)
+    (Path(registry.resolve("pets:2").path) / "model.safetensors").write_bytes(b"not the registered weights")
+    with server(log_predictions=False) as c:
+        wait_for(lambda: state(d) == "rolled_back", 20)
+        assert {post(c, image)["model_version"] for image in photos[:10]} == {1}
+    reason = deploy.refresh(d, Store()).reason or ""
+    assert "cannot be loaded" in reason and "digest mismatch" in reason

@@ -170,6 +170,13 @@ def test_drift_on_a_folder_and_building_a_missing_reference(run: Path, windows: 
         (refdir / c).mkdir(parents=True)
         for p in [q for q in windows[5] + windows[6] if q.parent.name == c]:  # labelled by folder
             shutil.copy(p, refdir / c / p.name)
+    (tmp_path / "empty").mkdir()
+    stranger = tmp_path / "birds" / "bird"
+    shutil.copytree(refdir / "cat", stranger)
+    for bad, message in ((tmp_path / "nowhere", "not a folder"), (tmp_path / "empty", "0 usable images"),
+                         (stranger.parent, "bird are not classes")):
+        code, _, err = run_main(["drift", "--model", str(old), "--build-reference", str(bad)], monkeypatch, capsys)
+        assert code == 2 and message in err and not (old / REFERENCE).exists()  # nothing written
     code, out, _ = run_main(["drift", "--model", str(old), "--build-reference", str(refdir)], monkeypatch, capsys)
     assert code == 0 and "reference of 80 images saved" in out
     code, out, _ = run_main(["drift", "--model", str(old), "--data", str(folder), "--json"], monkeypatch, capsys)

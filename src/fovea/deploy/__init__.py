@@ -4,6 +4,7 @@ from fovea.deploy._deploy import (
     STRATEGIES,
     Thresholds,
     View,
+    abort,
     active,
     advance,
     deployments,
@@ -20,5 +21,5 @@ from fovea.deploy._deploy import (
     takes_turn,
 )
 
-__all__ = ["STRATEGIES", "Thresholds", "View", "active", "advance", "deployments", "figures_now", "judge", "parse_duration",
+__all__ = ["STRATEGIES", "Thresholds", "View", "abort", "active", "advance", "deployments", "figures_now", "judge", "parse_duration",
            "production", "promote", "refresh", "rollback", "start", "stats", "sticky_bucket", "takes_turn"]

@@ -71,7 +71,19 @@ class Thresholds:
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise FoveaError(f"unknown thresholds {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**values)
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                raise FoveaError(f"threshold {k} must be a number, got {v!r}")
+        t = cls(**values)
+        ranges = {"max_error_rate": (0, 1), "max_confidence_drop": (0, 1), "min_agreement": (0, 1),
+                  "max_p95_ratio": (1, float("inf")), "p95_slack_ms": (0, float("inf")),
+                  "min_samples": (1, float("inf"))}
+        for k, (lo, hi) in ranges.items():
+            v = getattr(t, k)
+            if not lo <= v <= hi:
+                raise FoveaError(f"threshold {k} must be within [{lo:g}, {hi:g}], got {v:g}")
+        t.min_samples = int(t.min_samples)
+        return t
 
 
 @dataclass
@@ -156,7 +168,10 @@ def start(ref: str, strategy: str, *, percent: float | None = None, steps: list[
         raise FoveaError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if ":" not in ref:
         raise FoveaError(f"name the version to roll out: {ref}:VERSION (see fovea registry list {ref})")
+    if thresholds is not None and not isinstance(thresholds, dict):
+        raise FoveaError(f"thresholds must be an object of name: number, got {thresholds!r}")
     candidate = registry.resolve(ref, store=store)
+    registry.verify(candidate)  # files gone or changed: refuse now, not in every replica's controller later
     current = production(candidate.name, store)
     if candidate.id == current.id:
         raise FoveaError(f"{candidate.ref} is already {candidate.name}'s production version")
@@ -328,6 +343,13 @@ def refresh(d: View, store: Store) -> View:
         row = s.get(Deployment, d.id)
     assert row is not None
     return _view(store, row)
+
+
+def abort(d: View, reason: str, store: Store | None = None) -> bool:
+    """End a running deployment that cannot go on (its candidate will not load); False if another replica
+    already ended it."""
+    store = store or Store()
+    return _finish(store, d, "rolled_back", reason, stats(d, store))
 
 
 def rollback(name: str, *, reason: str = "rolled back by hand", store: Store | None = None) -> View:

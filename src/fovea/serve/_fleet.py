@@ -175,7 +175,14 @@ class Fleet:
             await self._switch_to(prod)
         if d is not None and d.candidate is not None and (prod is None or d.candidate.id != prod.id):
             held = self.candidate
-            self.candidate = await self._get(d.candidate)
+            try:
+                self.candidate = await self._get(d.candidate)
+            except FoveaError as e:  # files gone or changed: end it, rather than retry at every tick forever
+                log.warning("%s deployment #%d: %s; rolled back", name, d.id, e)
+                await run_in_threadpool(deploy.abort, d, f"automatic rollback: the candidate cannot be loaded: {e}", store)
+                self.candidate, self.deployment = None, None
+                self._retire(held)
+                return
             if held is not self.candidate:
                 self._retire(held)
             if d.strategy == "blue-green":  # warm here: switch production for every replica, then here
