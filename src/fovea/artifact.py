@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -119,7 +119,42 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise FoveaError(f"{meta_file} is not a Fovea model description (format is not {FORMAT!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise FoveaError(f"{meta_file} was written by a newer Fovea (format {meta['format_version']}); upgrade fovea")
+    _check_meta(meta, meta_file)
     return meta
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    """The fields every loader relies on, with what they must hold: an edited or foreign model.json fails here
+    with its reason, not later as a KeyError or a NaN prediction."""
+    def bad(what: str) -> NoReturn:
+        raise FoveaError(f"{where}: {what} (was this model.json edited, or written by another tool?)")
+
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        bad("'classes' must list two or more class names")
+    elif len(set(classes)) != len(classes):
+        bad("'classes' names a class twice")
+    pre = meta.get("preprocessing")
+    if not isinstance(pre, dict):
+        bad("no 'preprocessing' object")
+    size = pre.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 8192:
+        bad(f"preprocessing.image_size must be a whole number of pixels, got {size!r}")
+    if "ensemble" in meta:
+        return
+    for k in ("mean", "std"):
+        v = pre.get(k)
+        if not isinstance(v, list) or len(v) != 3 or not all(_number(x) for x in v):
+            bad(f"preprocessing.{k} must be three numbers (R, G, B), got {v!r}")
+    if any(x <= 0 for x in pre["std"]):
+        bad(f"preprocessing.std must be positive, got {pre['std']}")
+    arch = meta.get("architecture")
+    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("kwargs", {}), dict):
+        bad("'architecture' must be an object with a 'name' and its 'kwargs'")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -158,6 +158,27 @@ def test_load_model_json_of_another_format(tmp_path: Path) -> None:
         fovea.load(folder, device="cpu")
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.pop("classes"), "'classes' must list"),
+    (lambda m: m.update(classes=["cat", "cat", "dog"]), "names a class twice"),
+    (lambda m: m.update(classes="cat"), "'classes' must list"),
+    (lambda m: m.update(preprocessing=None), "no 'preprocessing'"),
+    (lambda m: m["preprocessing"].update(image_size="big"), "image_size must be"),
+    (lambda m: m["preprocessing"].update(image_size=-3), "image_size must be"),
+    (lambda m: m["preprocessing"].update(std=[0, 0, 0]), "std must be positive"),
+    (lambda m: m["preprocessing"].update(mean=[0.5]), "mean must be three numbers"),
+    (lambda m: m.update(architecture="cnn"), "'architecture' must be"),
+    (lambda m: m["architecture"].update(kwargs=None), "'architecture' must be"),
+])
+def test_an_edited_model_json_is_refused_with_its_reason(tmp_path: Path, edit: Any, message: str) -> None:
+    folder = save_artifact(tmp_path / "model", _small_cnn(), _meta())
+    meta = json.loads((folder / META).read_text())
+    edit(meta)
+    (folder / META).write_text(json.dumps(meta))
+    with pytest.raises(FoveaError, match=message):
+        fovea.load(folder, device="cpu")
+
+
 def _other_weights(case: str) -> torch.nn.Module:
     if case == "resnet18":
         return create_model("resnet18", 3, image_size=32)
