@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fovea.data import Dataset, discover
+from fovea.data import Dataset, discover, eval_samples
 from fovea.errors import FoveaError
 
 
@@ -312,3 +312,50 @@ def test_csv_saved_by_excel_with_a_bom(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
     ds = discover(tmp_path / "d.csv", val_fraction=0.34)
     assert ds.classes == ["a", "b"] and sum(len(v) for v in ds.splits.values()) == 6
+
+
+def _split_rows(tmp_path: Path, splits: list[str]) -> Path:
+    rows = []
+    for i, split in enumerate(splits):
+        write_image(tmp_path / f"f{i}.png", i)
+        rows.append([f"f{i}.png", "ab"[i % 2], split])
+    return write_csv(tmp_path / "l.csv", ["path", "label", "split"], rows)
+
+
+def test_csv_split_column_without_val_holds_val_out_of_train(tmp_path: Path) -> None:
+    ds = discover(_split_rows(tmp_path, ["train"] * 10), val_fraction=0.2)
+    assert len(ds.splits["train"]) == 8 and len(ds.splits["val"]) == 2
+
+
+@pytest.mark.parametrize("splits,message", [(["val"] * 4, "no row has split 'train'"),
+                                            (["train", "train", "bogus", "val"], "split 'bogus'")])
+def test_csv_split_column_that_cannot_make_a_train_split(tmp_path: Path, splits: list[str], message: str) -> None:
+    with pytest.raises(FoveaError, match=message):
+        discover(_split_rows(tmp_path, splits))
+
+
+def test_csv_that_is_not_utf8_and_an_image_given_as_data(tmp_path: Path) -> None:
+    (tmp_path / "l.csv").write_text("path,label\na.png,x\n", encoding="utf-16")
+    with pytest.raises(FoveaError, match="not UTF-8"):
+        discover(tmp_path / "l.csv")
+    with pytest.raises(FoveaError, match="not a .csv"):
+        eval_samples(write_image(tmp_path / "cat.png"), ["a", "b"])
+
+
+def test_a_val_fraction_that_leaves_no_validation_image(tmp_path: Path) -> None:
+    with pytest.raises(FoveaError, match="leaves no validation image"):
+        discover(class_tree(tmp_path, {"a": 5, "b": 5}), val_fraction=0.01)
+
+
+def test_a_broken_link_is_kept_for_quarantine_and_a_stray_folder_is_named(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    root = class_tree(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    ds = discover(root, val_fraction=0.3)
+    assert "gone.png" in names(ds, "train") | names(ds, "val")
+    split = tmp_path / "s"
+    class_tree(split / "train", {"a": 5, "b": 5})
+    class_tree(split, {"c": 2})  # a class folder left beside train/
+    with caplog.at_level("WARNING"):
+        discover(split)
+    assert "beside train/val/test ignored: c" in caplog.text

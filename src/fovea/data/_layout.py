@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import logging
 import random
 import re
 from collections import Counter, defaultdict
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fovea.errors import FoveaError
+
+log = logging.getLogger(__name__)
 
 VAL_NAMES = ("val", "valid", "validation")
 
@@ -63,7 +66,9 @@ def _count(samples: list[Sample], n: int) -> list[int]:
 
 def _is_candidate(p: Path) -> bool:
     # Every visible file is a candidate: a non-image with an image name must be quarantined, not skipped.
-    return p.is_file() and not p.name.startswith(".") and p.name not in ("Thumbs.db", "desktop.ini")
+    # A broken symbolic link is one too: quarantined as unreadable, never silently left out of the counts.
+    return ((p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+            and p.name not in ("Thumbs.db", "desktop.ini"))
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -114,6 +119,9 @@ def stratified_split(
         n_val = min(len(group) - 1, round(len(group) * val_fraction))
         val += group[:n_val]
         train += group[n_val:]
+    if items and not val:
+        raise FoveaError(f"--val-fraction {val_fraction:g} of {len(items)} images leaves no validation image; "
+                         "raise it, or give a val split")
     return train, val
 
 
@@ -177,12 +185,20 @@ def with_groups(samples: list[Sample], regex: str | None) -> list[Sample]:
 
 
 def _from_csv(path: Path, val_fraction: float, seed: int, group_regex: str | None = None) -> Dataset:
-    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-        reader = csv.DictReader(f)
-        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
-        if "path" not in fields or "label" not in fields:
-            raise FoveaError(f"{path}: the CSV needs a header with 'path' and 'label' columns (and optionally 'group'), found {fields}")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if path.suffix.lower() != ".csv":
+        raise FoveaError(f"{path} is a file but not a .csv; give a folder of class folders or a CSV with path,label")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if "path" not in fields or "label" not in fields:
+                raise FoveaError(f"{path}: the CSV needs a header with 'path' and 'label' columns (and optionally "
+                                 f"'group'), found {fields}")
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError as e:
+        raise FoveaError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save the CSV as UTF-8") from None
+    except csv.Error as e:
+        raise FoveaError(f"{path}: not a readable CSV: {e}") from None
     if not rows:
         raise FoveaError(f"{path}: the CSV has no rows")
     classes = sorted({r["label"] for r in rows if r["label"]})
@@ -202,6 +218,9 @@ def _from_csv(path: Path, val_fraction: float, seed: int, group_regex: str | Non
         s = Sample(str(p), index[r["label"]], r.get("group") or None)
         split = r.get("split", "").lower()
         if split:
+            if split not in ("train", "test", *VAL_NAMES):
+                raise FoveaError(f"{path}: split {r.get('split')!r} for {r['path']}; the split column takes train, "
+                                 "val (or valid, validation) or test")
             explicit["val" if split in VAL_NAMES else split].append(s)
         else:
             samples.append(s)
@@ -216,6 +235,10 @@ def _from_csv(path: Path, val_fraction: float, seed: int, group_regex: str | Non
         splits = dict(explicit)
         if samples:
             splits.setdefault("train", []).extend(samples)
+        if not splits.get("train"):
+            raise FoveaError(f"{path}: no row has split 'train' (or an empty split): nothing to train on")
+        if not splits.get("val"):  # as a split layout without val/: held out from train
+            splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, seed)
     else:
         train, val = stratified_split(samples, val_fraction, seed)
         splits = {"train": train, "val": val}
@@ -237,6 +260,9 @@ def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0, group_r
         raise FoveaError(f"{root} is a file; give a folder of class folders or a CSV with path,label")
     sub = {p.name.lower(): p for p in _class_dirs(root)}
     if "train" in sub:
+        beside = sorted(p.name for n, p in sub.items() if n not in ("train", "test", *VAL_NAMES))
+        if beside:  # e.g. a class folder left next to the splits: say so rather than drop it unseen
+            log.warning("%s: folder(s) beside train/val/test ignored: %s", root, ", ".join(beside))
         classes, train_files = _scan_classes(sub["train"])
         _check_classes(classes, train_files, sub["train"])
         index = {c: i for i, c in enumerate(classes)}
