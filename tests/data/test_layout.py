@@ -353,6 +353,10 @@ def test_a_broken_link_is_kept_for_quarantine_and_a_stray_folder_is_named(tmp_pa
     (root / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     ds = discover(root, val_fraction=0.3)
     assert "gone.png" in names(ds, "train") | names(ds, "val")
+    from fovea.data._check import check
+
+    quarantined = check(root, val_fraction=0.3, progress=False)["quarantined"]
+    assert [(Path(q["path"]).name, q["reason"]) for q in quarantined] == [("gone.png", "broken link: its target is missing")]
     split = tmp_path / "s"
     class_tree(split / "train", {"a": 5, "b": 5})
     class_tree(split, {"c": 2})  # a class folder left beside train/

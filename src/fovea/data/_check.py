@@ -28,7 +28,8 @@ def _inspect(path: str, max_pixels: int) -> dict[str, Any]:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        rec["reason"] = f"unreadable: {e}"
+        broken = Path(path).is_symlink() and not Path(path).exists()
+        rec["reason"] = "broken link: its target is missing" if broken else f"unreadable: {e.strerror or e}"
         return rec
     rec["sha"] = hashlib.blake2b(data, digest_size=16).hexdigest()
     rec["bytes"] = len(data)

@@ -81,15 +81,16 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
             if fp.stat().st_size == 0:
                 raise ImageError("empty file (0 bytes)")
         except FileNotFoundError as e:
-            raise ImageError("file not found") from e
+            raise ImageError("broken link: its target is missing" if fp.is_symlink() else "file not found") from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except UnidentifiedImageError as e:
         raise ImageError("not an image (unrecognised format)") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"too large: {e}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's guard, in our words
+        size = str(e).split(" exceeds")[0].replace("Image size (", "").rstrip(")")
+        raise ImageError(f"too large: {size} exceeds the {max_pixels:,}-pixel limit (decompression-bomb guard)") from e
     except OSError as e:
         raise ImageError(f"unreadable: {e}") from e
     w, h = img.size
