@@ -79,7 +79,7 @@ def check(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
-    near_threshold: Annotated[int, typer.Option(help="Max Hamming distance of 64-bit perceptual hashes for a near-duplicate.")] = 4,
+    near_threshold: Annotated[int, typer.Option(min=0, max=64, help="Max Hamming distance of 64-bit perceptual hashes for a near-duplicate.")] = 4,
     group_regex: Annotated[str | None, typer.Option(help="Group (patient, source) = this regex's first group on the file name; flags groups in two splits.")] = None,
 ) -> None:
     """Look at a data set: counts, imbalance, sizes and modes, unreadable files, duplicates and leakage."""
@@ -278,7 +278,7 @@ def predict(
     run: Annotated[Path, typer.Argument(help="A run folder (model.safetensors + model.json).")],
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
-    top_k: Annotated[int, typer.Option(help="Show the k most likely classes.")] = 1,
+    top_k: Annotated[int, typer.Option(min=1, help="Show the k most likely classes.")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Label images: the class, its probability and every class's probability."""
@@ -300,7 +300,7 @@ def predict(
         preds, bad = model.predict(files[i : i + 256])
         skipped += bad
         for pr in preds:
-            top = sorted(pr.probabilities.items(), key=lambda kv: -kv[1])[: max(1, top_k)]
+            top = sorted(pr.probabilities.items(), key=lambda kv: -kv[1])[:top_k]
             if as_json:
                 typer.echo(json.dumps({**pr.to_dict(), "top_k": [{"label": k, "probability": v} for k, v in top]}))
             else:
@@ -572,7 +572,7 @@ def explain_command(
     layer: Annotated[str | None, typer.Option(help="Module to take the map at, e.g. stages.1 (default: the last spatial feature map).")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the overlay PNGs (default RUN/explain).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward/backward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward/backward pass.")] = 32,
     check: Annotated[bool, typer.Option("--check", help="Also run the model-parameter randomization test (Adebayo et al. 2018); exit 1 if the maps fail it.")] = False,
     check_images: Annotated[int, typer.Option(help="--check uses the first N images.")] = 16,
     threshold: Annotated[float, typer.Option(help="--check passes if mean |Spearman| with the trained maps is below this at the cascade's midpoint.")] = 0.5,
@@ -670,7 +670,7 @@ def compress_command(
                                                      "onnx, ort-int8-minmax, ort-int8-percentile, ort-int8-entropy, "
                                                      "pt2e-x86.")] = None,
     data: Annotated[Path | None, typer.Option(help="Held-out images for accuracy (default: the run's val/test split).")] = None,
-    calib: Annotated[int, typer.Option(help="Training images that calibrate static int8 (class-stratified).")] = 128,
+    calib: Annotated[int, typer.Option(min=8, help="Training images that calibrate static int8 (class-stratified).")] = 128,
     calib_data: Annotated[Path | None, typer.Option(help="Where the training images are, if they moved.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the artifacts (default RUN/compressed).")] = None,
     seconds: Annotated[float, typer.Option(help="Seconds of latency and of throughput measurement per model.")] = 2.0,
@@ -689,7 +689,9 @@ def compress_command(
     from fovea.compress._report import SHORT, table_rows
 
     _setup_logging(quiet=as_json)
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods is not None else None
+    if chosen == []:
+        raise FoveaError("--methods is empty; name some (e.g. int8-sym,onnx) or leave it out for all")
     err = Console(stderr=True)
 
     def on_row(row: Any) -> None:
@@ -763,13 +765,13 @@ def export_command(
 def serve_command(
     model: Annotated[str, typer.Argument(help="A model folder, or a registry reference: NAME, NAME:VERSION, NAME:ALIAS.")],
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Server processes; each loads the model.")] = 1,
-    max_batch_size: Annotated[int, typer.Option(help="Images per forward pass at most.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a request may wait for others to join its batch "
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes; each loads the model.")] = 1,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass at most.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a request may wait for others to join its batch "
                                                     "(0: only those already queued).")] = 0.0,
-    max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 20.0,
-    timeout: Annotated[float, typer.Option(help="Seconds before a request is answered 504.")] = 30.0,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, in MiB.")] = 20.0,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds before a request is answered 504.")] = 30.0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not record predictions in the store.")] = False,
     hybrid: Annotated[bool, typer.Option("--hybrid", help="Answer from predictions `fovea batch` stored for the same "
@@ -782,7 +784,7 @@ def serve_command(
                                              "canary steps).")] = 2.0,
     drift_every: Annotated[str, typer.Option(help="How often to test the newest answers for drift (10m; 0: never). "
                                                   "Results: /metrics, the log, FOVEA_HOME/drift/.")] = "10m",
-    drift_window: Annotated[int, typer.Option(help="How many of the newest answers each drift check tests.")] = 500,
+    drift_window: Annotated[int, typer.Option(min=1, help="How many of the newest answers each drift check tests.")] = 500,
     drift_webhook: Annotated[str | None, typer.Option(help="POST each drift alert as JSON to this URL.")] = None,
     review_below: Annotated[float, typer.Option(help="Queue answers less confident than this for people to label "
                                                      "(the web app's review page; 0: none).")] = 0.0,
@@ -809,10 +811,25 @@ def serve_command(
         raise FoveaError("--review-below must lie in [0, 1] and --consensus be at least 1")
     if poll <= 0:
         raise FoveaError("--poll must be positive")
+    _check_servable(model, db)  # here, in one line, rather than as a failed start-up inside uvicorn
     os.environ[CONFIG_ENV] = config.to_json()
     _setup_logging()
     uvicorn.run("fovea.serve._app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="info", timeout_graceful_shutdown=10)
+
+
+def _check_servable(model: str, db: str | None) -> None:
+    """FoveaError unless MODEL is a model folder or a registered version whose files are intact."""
+    from fovea import registry
+    from fovea.artifact import META, read_meta
+    from fovea.store import Store
+
+    if (Path(model) / META).exists():
+        read_meta(model)
+        return
+    if ":" not in model and ("/" in model or Path(model).exists()):
+        raise FoveaError(f"{model} is not a model folder (no {META}) and not a registry name")
+    registry.verify(registry.resolve(model, store=Store(db)))
 
 
 @app.command("batch", epilog=_examples(
@@ -827,12 +844,12 @@ def batch_command(
                                                                             "file in FOVEA_HOME).")] = None,
     job: Annotated[str | None, typer.Option(help="Job name (default: model version + source); the same job "
                                                  "resumes where it stopped.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass and per transaction.")] = 64,
-    workers: Annotated[int, typer.Option(help="Decoding threads.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass and per transaction.")] = 64,
+    workers: Annotated[int, typer.Option(min=1, help="Decoding threads.")] = 4,
     output: Annotated[Path | None, typer.Option(help="Also write the job's rows to this Parquet file.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     engine: Annotated[str, typer.Option(help="local (threads here) | ray (Ray Data actors; pip install 'fovea[ray]').")] = "local",
-    actors: Annotated[int, typer.Option(help="--engine ray: model replicas (each loads the model).")] = 2,
+    actors: Annotated[int, typer.Option(min=1, help="--engine ray: model replicas (each loads the model).")] = 2,
     ray_address: Annotated[str | None, typer.Option(help="--engine ray: the cluster (default: start a local "
                                                          "Ray instance; 'auto': the one on this machine).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,

@@ -63,6 +63,8 @@ def test_every_input_form_gives_the_artifacts_own_prediction(run: Path, photos: 
         assert r.status_code == 200 and r.json()["request_id"] == "abc"
         got = [x["probabilities"]["dog"] for x in r.json()["predictions"]]
         assert np.allclose(got, [e.probabilities["dog"] for e in expected[:2]], atol=1e-5)
+        r = c.post("/v1/predict", json=payload, headers={"x-client-id": "x" * 100_000})
+        assert r.status_code == 422 and "x-client-id is over 200 characters" in r.json()["error"]
 
 
 def test_bad_inputs_get_4xx_json_and_the_server_stays_up(run: Path, photos: list[Path]) -> None:
@@ -113,6 +115,14 @@ def test_open_inference_protocol_v2(run: Path, photos: list[Path]) -> None:
         bad = {"inputs": [{"name": "images", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [0] * 192}]}
         assert c.post("/v2/models/cnn/infer", json=bad).status_code == 422
         assert c.post("/v2/models/other/infer", json=req).status_code == 404
+        n = int(np.prod(x.shape))
+        for data, datatype in ((["a"] * n, "UINT8"), ([None] * n, "UINT8"), ([1.7] * n, "UINT8"), ([], "BYTES")):
+            odd = {"inputs": [{"name": "x", "shape": list(x.shape) if datatype == "UINT8" else [0],
+                               "datatype": datatype, "data": data}]}
+            r = c.post("/v2/models/cnn/infer", json=odd)
+            assert r.status_code == 422 and "error" in r.json(), (data[:1], r.text)
+        two = {"inputs": req["inputs"] * 2}
+        assert c.post("/v2/models/cnn/infer", json=two).status_code == 422  # not one answered, one dropped
 
 
 def test_micro_batcher_gathers_concurrent_requests_and_returns_each_its_rows() -> None:

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -334,3 +335,30 @@ def test_progress_bars_on_a_short_epoch(tiny_pets: Path, tmp_path: Path, capsys:
                       progress=True)
     assert (run / "model.safetensors").exists()
     assert "epoch   1/1" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_data_another_model_and_a_damaged_checkpoint(tiny_pets: Path, tmp_path: Path) -> None:
+    run = fovea.train(tiny_pets, epochs=1, out=str(tmp_path / "run"), **TINY)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_pets, other)
+    with pytest.raises(FoveaError, match="was trained on"):
+        fovea.train(other, epochs=2, out=str(run), resume=True, **TINY)
+    with pytest.raises(FoveaError, match="drop --model"):
+        fovea.train(tiny_pets, epochs=2, out=str(run), resume=True, **{**TINY, "model": "mlp"})
+    pointer = json.loads((run / "checkpoint.json").read_text())
+    shutil.rmtree(run / pointer["folder"])
+    with pytest.raises(FoveaError, match="damaged or incomplete"):
+        fovea.train(tiny_pets, epochs=2, out=str(run), resume=True, **TINY)
+    (run / "train_config.json").write_text('{"x": 1}')
+    with pytest.raises(FoveaError, match="missing or damaged"):
+        fovea.train(tiny_pets, epochs=2, out=str(run), resume=True, **TINY)
+
+
+@pytest.mark.parametrize("kw,message", [({"dropout": 1.5}, "--dropout"), ({"weight_decay": -1}, "--weight-decay"),
+                                        ({"patience": 0}, "--patience"), ({"image_size": 100_000}, "over 2048"),
+                                        ({"image_size": 1, "model": "cnn"}, "too small for cnn")])
+def test_bad_settings_fail_before_any_image_is_decoded(tiny_pets: Path, tmp_path: Path, kw: dict[str, Any],
+                                                        message: str) -> None:
+    with pytest.raises(FoveaError, match=message):
+        fovea.train(tiny_pets, epochs=1, out=str(tmp_path / "run"), progress=False, **kw)
+    assert not (tmp_path / "run" / "history.csv").exists()

@@ -64,10 +64,28 @@ def create_model(
     """Build ``name`` with a ``num_classes`` head. Extra kwargs go to the architecture (e.g. drop_rate)."""
     try:
         return _create(name, num_classes, image_size=image_size, pretrained=pretrained, **kwargs)
-    except TypeError as e:  # an --arch option (or --batch-norm) the architecture does not take
+    except TypeError as e:  # an --arch option (or --batch-norm) the architecture does not take, or a bad value
         if not kwargs:
             raise
-        raise FoveaError(f"{name} does not take the option(s) {', '.join(sorted(kwargs))} ({e})") from e
+        given = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+        raise FoveaError(f"{name} does not take {given}: {e}") from e
+
+
+def check_input_size(model: nn.Module, image_size: int, name: str) -> None:
+    """One forward pass of a blank image, so an input too small for the network's downsampling fails with a
+    clear message before any image is decoded (and not as a shape error deep in the first batch)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as e:
+        raise FoveaError(f"--image-size {image_size} is too small for {name} ({str(e).splitlines()[0]}); "
+                         "use a larger size (`fovea models` lists each model's own)") from None
+    finally:
+        model.train(was_training)
 
 
 def _create(name: str, num_classes: int, *, image_size: int, pretrained: bool, **kwargs: Any) -> nn.Module:

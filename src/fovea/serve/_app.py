@@ -120,6 +120,9 @@ class _Metrics:
                                     ["model_version"], registry=self.registry)
 
 
+MAX_ID_CHARS = 200  # X-Client-Id, X-Request-Id
+
+
 def _precomputed(store: Any, s: Served, blobs: list[bytes]) -> dict[int, dict[str, float]]:
     """{index: probabilities} for the images a batch job already predicted with this model version."""
     import hashlib
@@ -284,7 +287,11 @@ def create_app(config: ServeConfig) -> Any:
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Any:
         start = time.perf_counter()
-        response = await call_next(request)
+        long = [h for h in ("x-client-id", "x-request-id") if len(request.headers.get(h, "")) > MAX_ID_CHARS]
+        if long:  # they are stored with every answer and echoed back: ids, not payloads
+            response: Any = JSONResponse({"error": f"{long[0]} is over {MAX_ID_CHARS} characters"}, status_code=422)
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
         version = getattr(request.state, "model_version", None)
@@ -610,18 +617,27 @@ def create_app(config: ServeConfig) -> Any:
         s = route.answer
         try:
             req = json.loads(await read_body(request))
+            if len(req["inputs"]) != 1:
+                raise ValueError("one input")
             inp = req["inputs"][0]
             dtype, shape, data = inp["datatype"], [int(d) for d in inp["shape"]], inp["data"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise HTTPProblem(422, 'expected {"inputs": [{"name", "shape", "datatype", "data"}]}') from e
+            if not isinstance(data, list) or not data:
+                raise ValueError("data")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise HTTPProblem(422, 'expected {"inputs": [{"name", "shape", "datatype", "data"}]}: one input, '
+                                   "with its data as a non-empty list") from e
         request_id = str(req.get("id") or uuid.uuid4().hex)
         size = s.model.image_size
         if dtype == "UINT8":  # decoded pixels: answered, not logged (no file to fingerprint) nor shadowed
             if len(shape) != 4 or shape[1:] != [3, size, size]:
                 raise HTTPProblem(422, f"UINT8 input must have shape [N, 3, {size}, {size}], got {shape}")
-            arr = np.asarray(data, dtype=np.int64).ravel()
-            if arr.size != int(np.prod(shape)) or arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
-                raise HTTPProblem(422, f"UINT8 data must hold {int(np.prod(shape))} values in 0..255")
+            try:
+                arr = np.asarray(data).ravel()
+            except ValueError:  # ragged nesting
+                arr = np.asarray([], dtype=np.float64)
+            if (arr.dtype.kind not in "iu" or arr.size != int(np.prod(shape)) or arr.min(initial=0) < 0
+                    or arr.max(initial=0) > 255):
+                raise HTTPProblem(422, f"UINT8 data must hold {int(np.prod(shape))} whole numbers in 0..255")
             if shape[0] > config.max_images:
                 raise HTTPProblem(413, f"{shape[0]} images in one request; the limit is {config.max_images}")
             x = torch.from_numpy(arr.astype(np.uint8).reshape(shape))

@@ -96,6 +96,15 @@ class TrainConfig:
             raise FoveaError("--resume continues one run: give one fold's or seed's folder, e.g. --out OUT/fold-1 --resume")
         if self.l1 < 0:
             raise FoveaError(f"--l1 must be >= 0, got {self.l1}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise FoveaError(f"--dropout is a probability in [0, 1), got {self.dropout}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise FoveaError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.patience is not None and self.patience < 1:
+            raise FoveaError(f"--patience is a number of epochs, at least 1, got {self.patience}")
+        if self.image_size is not None and self.image_size > 2048:
+            raise FoveaError(f"--image-size {self.image_size} is over 2048 px; images are cached at that size, "
+                             "so it would need gigabytes per hundred images")
         if self.human_error is not None and not 0 <= self.human_error < 1:
             raise FoveaError(f"--human-error is an error rate in [0, 1), got {self.human_error}")
         if self.group_regex is not None:

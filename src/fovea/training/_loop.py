@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from fovea.artifact import autocast, infer, pick_device, save_artifact
 from fovea.data import Batches, Dataset, ImageSet, discover, kfold, load_images
 from fovea.errors import FoveaError
-from fovea.models import create_model, default_config, source_of
+from fovea.models import check_input_size, create_model, default_config, source_of
 from fovea.models._transfer import fold_probe, load_weights, read_weights
 from fovea.training._callbacks import BestTracker, Callback, Checkpointer, CSVLogger, ProgressBar
 from fovea.training._checkpoint import has_checkpoint, load_checkpoint
@@ -274,10 +275,24 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
     if cfg.resume:
         if not has_checkpoint(run):
             raise FoveaError(f"--resume: no checkpoint in {run}; give the run folder with --out")
-        saved = json.loads((run / "train_config.json").read_text())
+        try:
+            saved = json.loads((run / "train_config.json").read_text())
+            resumed = TrainConfig(**{**saved, "resume": True, "progress": cfg.progress})
+        except (OSError, ValueError, TypeError) as e:
+            raise FoveaError(f"--resume: {run / 'train_config.json'} is missing or damaged ({e}); "
+                             "start again with a new --out") from None
+        before = Path(saved["data"]).expanduser()
+        if Path(cfg.data).expanduser().resolve() != before.resolve():
+            if before.exists():
+                raise FoveaError(f"--resume: {run} was trained on {saved['data']}, not {cfg.data}; a run continues "
+                                 "on its own data (a new run: another --out)")
+            log.warning("--resume: %s is gone; continuing on %s", saved["data"], cfg.data)
+            saved["data"] = str(cfg.data)
+            resumed.data = str(cfg.data)
+        if cfg.model and cfg.model != saved.get("model"):
+            raise FoveaError(f"--resume: {run} trains a {saved.get('model')}, not a {cfg.model}; drop --model")
         # Resume keeps the original config; only the number of epochs may be extended.
-        epochs = cfg.epochs
-        cfg = TrainConfig(**{**saved, "resume": True, "progress": cfg.progress})
+        epochs, cfg = cfg.epochs, resumed
         if epochs is not None:
             if epochs < int(saved["epochs"]):
                 log.warning("--epochs %d is below the planned %s; finishing at %d", epochs, saved["epochs"], epochs)
@@ -308,6 +323,13 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
             log.info("%s: %s", k, v)
     size = int(cfg.image_size or 64)
     steps = _steps(cfg)
+    # The network before the images: a bad --arch, weights that cannot be fetched or a size too small for the
+    # network fail in a second, not after minutes of decoding.
+    arch_kwargs = dict(cfg.extra)
+    if cfg.dropout is not None:
+        arch_kwargs["drop_rate"] = cfg.dropout
+    model = create_model(str(cfg.model), len(ds.classes), image_size=size, pretrained=bool(cfg.pretrained), **arch_kwargs)
+    check_input_size(model, size, str(cfg.model))
     timings["setup"] = time.perf_counter() - clock
     clock = time.perf_counter()
     # val first, so the larger train entry is the one written to the disk cache while training runs.
@@ -329,10 +351,6 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
 
     timings["decode"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    arch_kwargs = dict(cfg.extra)
-    if cfg.dropout is not None:
-        arch_kwargs["drop_rate"] = cfg.dropout
-    model = create_model(str(cfg.model), len(ds.classes), image_size=size, pretrained=bool(cfg.pretrained), **arch_kwargs)
     mean, std = tuple(native["mean"]), tuple(native["std"])
     if weights_meta is not None:  # a Fovea backbone: normalise as it was trained
         mean, std = tuple(weights_meta["preprocessing"]["mean"]), tuple(weights_meta["preprocessing"]["std"])
@@ -409,7 +427,12 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
     fit = Fit(cfg, run, trained, opt, batches, val_set, device, generator, callbacks, steps_per_epoch=len(batches),
               val_images=val_set.images.to(device), val_features=val_features, lr_fn=lr_fn)
     if cfg.resume:
-        state, fit.best_state = load_checkpoint(run, model=trained, optimizer=opt, generator=generator)
+        try:
+            state, fit.best_state = load_checkpoint(run, model=trained, optimizer=opt, generator=generator)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+            raise FoveaError(f"--resume: the checkpoint in {run} is damaged or incomplete "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); start again with a "
+                             "new --out") from None
         fit.epoch, fit.step, fit.history = state["epoch"], state["step"], state["history"]
         fit.best_score, fit.best_epoch = state["best_score"], state["best_epoch"]
         log.info("resuming %s at epoch %d of %d", run, fit.epoch, cfg.epochs)

@@ -28,7 +28,7 @@ from torch import nn
 from fovea.artifact import autocast, pick_device
 from fovea.data import Batches, discover, load_images
 from fovea.errors import FoveaError
-from fovea.models import create_model, default_config, source_of
+from fovea.models import check_input_size, create_model, default_config, source_of
 from fovea.models._transfer import load_weights, read_weights
 from fovea.training._config import TrainConfig, resolve
 from fovea.training._loop import _follow_weights_run, _steps, cpu_has_bf16, make_optimizer
@@ -256,6 +256,7 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
     if cfg.dropout is not None:
         arch_kwargs["drop_rate"] = cfg.dropout
     model = create_model(str(cfg.model), len(ds.classes), image_size=size, pretrained=bool(cfg.pretrained), **arch_kwargs)
+    check_input_size(model, size, str(cfg.model))
     mean, std = tuple(native["mean"]), tuple(native["std"])
     if weights_meta is not None:
         mean, std = tuple(weights_meta["preprocessing"]["mean"]), tuple(weights_meta["preprocessing"]["std"])
