@@ -604,7 +604,8 @@ def explain_command(
     model = single_model(load(run, device))
     x, kept, bad = model.load_images(files)
     if not kept:
-        raise FoveaError(f"none of the {len(files)} files could be read as an image")
+        why = "; ".join(f"{files[i]}: {r}" for i, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        raise FoveaError(f"none of the {len(files)} files could be read as an image ({why})")
     e = explain(model, x, method=method, target=target, layer=layer, batch_size=batch_size)
     folder = out or run / "explain"
     folder.mkdir(parents=True, exist_ok=True)

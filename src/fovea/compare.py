@@ -107,6 +107,8 @@ def compare(
     discover(data, configs[0].val_fraction, configs[0].seed)  # the data's own errors, once, before training
     pick_device(configs[0].device)  # --device cuda without a GPU
     root = Path(out) if out is not None else default_out(data)
+    if (root / "model.json").exists():
+        raise FoveaError(f"{root} is a model's run folder; give compare a folder of its own with --out")
     taken = [str(root / m) for m in names if (root / m).exists() and any((root / m).iterdir())]
     if taken:
         raise FoveaError(f"run folder(s) already exist and are not empty: {', '.join(taken)}; choose another --out")

@@ -157,6 +157,9 @@ def _member_meta(run: Path) -> dict[str, Any]:
     if "ensemble" in meta:
         raise FoveaError(f"{run} is itself an ensemble; give its members' run folders instead")
     if not (run / WEIGHTS).is_file():
+        if meta.get("runtime") or meta.get("compression"):  # an ONNX Runtime or torch.export artifact
+            raise FoveaError(f"{run} is a compressed artifact; an ensemble's members are PyTorch run folders "
+                             "with their weights; give the run it was compressed from")
         raise FoveaError(f"{run} is not a Fovea model: no {WEIGHTS} (a model folder holds {WEIGHTS} + {META})")
     return meta
 

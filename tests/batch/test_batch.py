@@ -101,6 +101,9 @@ def test_unreadable_files_and_csv_inputs(run: Path, photos: Path, tmp_path: Path
     csv.write_text("path\n" + "\n".join(f"mixed/{p.name}" for p in good) + "\nmixed/missing.jpg\n")
     r = run_batch(str(run), csv, db=url, progress=False)
     assert r.predicted == 3 and r.unreadable[0][0] == "mixed/missing.jpg" and "cannot read" in r.unreadable[0][1]
+    csv.write_text("path,note\n" + "\n".join(f"mixed/{p.name}," for p in good + good[:1]) + "\n,no path\n")
+    r = run_batch(str(run), csv, db=url, progress=False, job="dups")
+    assert r.inputs == 3 and r.predicted == 3  # a repeated path is one input; a row without one is no input
     with pytest.raises(FoveaError, match="does not exist"):
         run_batch(str(run), tmp_path / "nowhere", db=url, progress=False)
     code, out, err = run_main(["batch", str(run), str(folder), "--db", url, "--job", "cli"], monkeypatch, capsys)

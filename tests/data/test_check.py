@@ -236,3 +236,14 @@ def test_cli_missing_folder_says_error_without_traceback(tmp_path: Path) -> None
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not exist" in errors[0] and "nowhere" in errors[0]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_class_with_no_usable_image_is_named_not_called_imbalance(tmp_path: Path) -> None:
+    (tmp_path / "d" / "cat").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / "d" / "cat" / f"{i}.png")
+    (tmp_path / "d" / "dog").mkdir()
+    (tmp_path / "d" / "dog" / "notes.jpg").write_text("not a photo")
+    r = check(tmp_path / "d", val_fraction=0.3, progress=False)
+    assert any("train: class(es) with no usable image (dog)" in tip for tip in r["advice"])
+    assert all("imbalanced" not in tip for tip in r["advice"])

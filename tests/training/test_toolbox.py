@@ -98,7 +98,7 @@ def test_batch_norm_can_be_turned_off_for_our_models_only(tiny_pets: Path, tmp_p
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
     r = cli("train", str(tiny_pets), "--model", "resnet18", "--no-pretrained", "--no-batch-norm",
             "--epochs", "1", "--out", str(tmp_path / "rn"))
-    assert r.returncode == 2 and "does not take the option(s) batch_norm" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "does not take batch_norm=False" in r.stderr and "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------------------------- groups and folds

@@ -56,11 +56,20 @@ def list_inputs(source: Path) -> list[tuple[str, Path]]:
     if source.is_file():
         if source.suffix.lower() != ".csv":
             raise FoveaError(f"{source} is a file; give a folder of images or a CSV with a 'path' column")
-        with source.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with source.open(newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+        except UnicodeDecodeError as e:
+            raise FoveaError(f"{source} is not UTF-8 text (byte {e.start}: {e.reason}); save the CSV as UTF-8") from None
         if not rows or "path" not in rows[0]:
             raise FoveaError(f"{source} needs a 'path' column (one image file per row)")
-        return [(r["path"], (source.parent / r["path"]).resolve()) for r in rows if r.get("path")]
+        keys = [(r.get("path") or "").strip() for r in rows]
+        unique = list(dict.fromkeys(k for k in keys if k))  # a path is one input, however often it is listed
+        if len(unique) < len(keys):
+            empty, twice = keys.count(""), len(keys) - keys.count("") - len(unique)
+            log.warning("%s: %d row(s) with no path and %d repeated path(s) left out; %d inputs", source, empty,
+                        twice, len(unique))
+        return [(k, (source.parent / k).resolve()) for k in unique]
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     return [(p.relative_to(source).as_posix(), p) for p in files]
 

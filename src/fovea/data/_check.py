@@ -106,7 +106,8 @@ def check(
     usable: dict[str, dict[str, int]] = {sp: dict.fromkeys(ds.classes, 0) for sp in ds.splits}
     for r in good:
         usable[r["split"]][r["label"]] += 1
-    imbalance = {sp: (max(c.values()) / max(min(c.values()), 1)) for sp, c in usable.items() if c}
+    # Among the classes a split has usable images of (a class with none is reported on its own).
+    imbalance = {sp: max(c.values()) / min(n for n in c.values() if n) for sp, c in usable.items() if any(c.values())}
 
     # Exact duplicates: identical bytes.
     by_sha: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -173,6 +174,13 @@ def _size_summary(sizes: np.ndarray) -> dict[str, Any]:
 
 def _advice(r: dict[str, Any]) -> list[str]:
     tips = []
+    for split, counts in r["usable_counts"].items():
+        none = [c for c, n in counts.items() if n == 0 and r["counts"].get(split, {}).get(c)]
+        if none and split == "train":
+            tips.append(f"train: class(es) with no usable image ({', '.join(none)}): training will refuse; replace "
+                        "the unusable files listed below.")
+        elif none:
+            tips.append(f"{split}: class(es) with no usable image ({', '.join(none)}): no figure for them there.")
     if r["quarantined"]:
         reasons = Counter(q["reason"].split(":")[0] for q in r["quarantined"])
         tips.append(f"{len(r['quarantined'])} file(s) cannot be used ({', '.join(f'{k}: {v}' for k, v in reasons.items())}). "

@@ -317,7 +317,10 @@ def eval_samples(data: str | Path, classes: list[str]) -> tuple[list[Sample], li
         raise FoveaError(f"{root} has class folder(s) the model does not know: {', '.join(unknown)} (model classes: {', '.join(classes)})")
     samples = [Sample(str(p), index[c], None) for c in classes for p in files.get(c, [])]
     if not samples:
-        raise FoveaError(f"no files to evaluate in {root}")
+        loose = any(_is_candidate(p) for p in root.iterdir())
+        raise FoveaError(f"{root} holds files but no class folders: evaluation needs the true labels, as CLASS/* "
+                         f"folders named like the model's classes ({', '.join(classes)}); `fovea predict` labels "
+                         "images without them" if loose else f"no files to evaluate in {root}")
     return samples, [], used
 
 
