@@ -214,6 +214,7 @@ def _advice(r: dict[str, Any]) -> list[str]:
 
 def print_report(r: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console()
@@ -230,8 +231,14 @@ def print_report(r: dict[str, Any]) -> None:
     if r["quarantined"]:
         q = Table("split", "file", "reason", title=f"{len(r['quarantined'])} unusable file(s)")
         for x in r["quarantined"]:
-            q.add_row(x["split"], x["path"], x["reason"])
+            q.add_row(x["split"], escape(x["path"].replace("\n", "\\n")), escape(x["reason"]))
         con.print(q)
+    root = Path(r["data"]).parent if Path(r["data"]).is_file() else Path(r["data"])
+
+    def shown(f: dict[str, Any]) -> str:  # the path under the data root: subfolders tell copies apart
+        p = Path(f["path"])
+        return escape(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p))
+
     for kind in ("exact_duplicates", "near_duplicates"):
         groups = r[kind]
         if groups:
@@ -239,7 +246,7 @@ def print_report(r: dict[str, Any]) -> None:
                       f" ({sum(g['cross_split'] for g in groups)} across splits):")
             for g in groups[:10]:
                 tag = " [red]LEAK[/]" if g["cross_split"] else ""
-                con.print("  " + " = ".join(f"{f['split']}/{f['label']}/{Path(f['path']).name}" for f in g["files"]) + tag)
+                con.print("  " + " = ".join(shown(f) for f in g["files"]) + tag, highlight=False)
             if len(groups) > 10:
                 con.print(f"  … {len(groups) - 10} more (see --json)")
     con.print("[bold]What to do[/]")
