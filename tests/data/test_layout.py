@@ -155,9 +155,13 @@ def test_split_does_not_depend_on_listing_order(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_val_fraction_out_of_range(tmp_path: Path, fraction: float) -> None:
-    class_tree(tmp_path, {"a": 3, "b": 3})
+    class_tree(tmp_path / "flat", {"a": 3, "b": 3})
     with pytest.raises(FoveaError, match="val-fraction"):
-        discover(tmp_path, val_fraction=fraction)
+        discover(tmp_path / "flat", val_fraction=fraction)
+    class_tree(tmp_path / "split" / "train", {"a": 3, "b": 3})
+    class_tree(tmp_path / "split" / "val", {"a": 1, "b": 1})
+    with pytest.raises(FoveaError, match="val-fraction"):  # unused here, but a typo all the same
+        discover(tmp_path / "split", val_fraction=fraction)
 
 
 # -------------------------------------------------------------------------------------------------- CSV

@@ -254,6 +254,8 @@ def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0, group_r
     root = Path(data).expanduser()
     if not root.exists():
         raise FoveaError(f"{root} does not exist")
+    if not 0.0 < val_fraction < 1.0:  # checked even where the data has its own val split: a typo is a typo
+        raise FoveaError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if root.is_file():
         if root.suffix.lower() == ".csv":
             return _from_csv(root, val_fraction, seed, group_regex)

@@ -47,7 +47,12 @@ class Store:
     def __init__(self, url: str | None = None, *, migrate: bool = True) -> None:
         self.url = _normalize(url or default_url())
         if self.url.startswith("sqlite:///"):
-            Path(self.url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(self.url.removeprefix("sqlite:///")).expanduser().parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise FoveaError(f"cannot keep the store in {folder}: a file is in the way (is FOVEA_HOME a file?); "
+                                 "set FOVEA_HOME to a folder, or give --db") from None
         try:
             self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         except (SQLAlchemyError, ImportError, ValueError) as e:

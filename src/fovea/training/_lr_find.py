@@ -251,6 +251,9 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
         log.warning("quarantined %s: %s", p, r)
     if len(train_set) == 0:
         raise FoveaError("no usable training images (all quarantined); run `fovea check` on the data")
+    lost = [c for i, c in enumerate(ds.classes) if i not in set(train_set.labels.tolist())]
+    if lost:  # as fovea train would refuse: a curve for a setup that cannot train is no help
+        raise FoveaError(f"class(es) with no usable training image after quarantine: {', '.join(lost)}")
 
     arch_kwargs = dict(cfg.extra)
     if cfg.dropout is not None:
