@@ -577,8 +577,7 @@ def create_app(config: ServeConfig) -> Any:
         s = model_named(name)
         size = s.model.image_size
         fleet: Fleet = state["fleet"]
-        held = [v for v in (fleet.current, fleet.candidate, fleet.previous) if v is not None and v.ready]
-        return {"name": s.name, "versions": [str(v.version) for v in held], "platform": "fovea",
+        return {"name": s.name, "versions": [str(v.version) for v in fleet.loaded()], "platform": "fovea",
                 "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, size, size]},
                            {"name": "image_files", "datatype": "BYTES", "shape": [-1]}],
                 "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(s.model.classes)]},
@@ -593,7 +592,7 @@ def create_app(config: ServeConfig) -> Any:
     def loaded_version(name: str, version: str) -> Served:
         model_named(name)
         fleet: Fleet = state["fleet"]
-        held = [v for v in (fleet.current, fleet.candidate, fleet.previous) if v is not None and v.ready]
+        held = fleet.loaded()
         for v in held:
             if str(v.version) == version:
                 return v

@@ -212,6 +212,10 @@ class Fleet:
 
     # routing ---------------------------------------------------------------------------------------------------
 
+    def loaded(self) -> list[Served]:
+        """The versions held and warm: production, the candidate, the previous production."""
+        return [v for v in (self.current, self.candidate, self.previous) if v is not None and v.ready]
+
     def route(self, client: str | None) -> Route:
         current, d, cand = self.current, self.deployment, self.candidate
         assert current is not None
