@@ -178,7 +178,7 @@ def _advice(r: dict[str, Any]) -> list[str]:
         none = [c for c, n in counts.items() if n == 0 and r["counts"].get(split, {}).get(c)]
         if none and split == "train":
             tips.append(f"train: class(es) with no usable image ({', '.join(none)}): training will refuse; replace "
-                        "the unusable files listed below.")
+                        "the unusable files (listed with their reasons).")
         elif none:
             tips.append(f"{split}: class(es) with no usable image ({', '.join(none)}): no figure for them there.")
     if r["quarantined"]:
