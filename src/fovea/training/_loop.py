@@ -172,6 +172,17 @@ def _follow_weights_run(cfg: TrainConfig, meta: dict[str, Any] | None) -> TrainC
                                image_size=cfg.image_size or int(meta["preprocessing"]["image_size"]))
 
 
+def build_model(cfg: TrainConfig, num_classes: int, size: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The network ``cfg`` describes (its --arch options and --dropout, which model.json records), probed once
+    with a blank image so a size too small for it fails here; returns it with those options."""
+    arch_kwargs = dict(cfg.extra)
+    if cfg.dropout is not None:
+        arch_kwargs["drop_rate"] = cfg.dropout
+    model = create_model(str(cfg.model), num_classes, image_size=size, pretrained=bool(cfg.pretrained), **arch_kwargs)
+    check_input_size(model, size, str(cfg.model))
+    return model, arch_kwargs
+
+
 def _steps(cfg: TrainConfig) -> list[Any]:
     """The --preprocess steps (fovea.ops.Step); OpenCV is imported only when there are some."""
     if not cfg.preprocess or cfg.preprocess == "none":
@@ -287,7 +298,6 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
                 raise FoveaError(f"--resume: {run} was trained on {saved['data']}, not {cfg.data}; a run continues "
                                  "on its own data (a new run: another --out)")
             log.warning("--resume: %s is gone; continuing on %s", saved["data"], cfg.data)
-            saved["data"] = str(cfg.data)
             resumed.data = str(cfg.data)
         if cfg.model and cfg.model != saved.get("model"):
             raise FoveaError(f"--resume: {run} trains a {saved.get('model')}, not a {cfg.model}; drop --model")
@@ -325,11 +335,7 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
     steps = _steps(cfg)
     # The network before the images: a bad --arch, weights that cannot be fetched or a size too small for the
     # network fail in a second, not after minutes of decoding.
-    arch_kwargs = dict(cfg.extra)
-    if cfg.dropout is not None:
-        arch_kwargs["drop_rate"] = cfg.dropout
-    model = create_model(str(cfg.model), len(ds.classes), image_size=size, pretrained=bool(cfg.pretrained), **arch_kwargs)
-    check_input_size(model, size, str(cfg.model))
+    model, arch_kwargs = build_model(cfg, len(ds.classes), size)
     timings["setup"] = time.perf_counter() - clock
     clock = time.perf_counter()
     # val first, so the larger train entry is the one written to the disk cache while training runs.

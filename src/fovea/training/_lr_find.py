@@ -28,10 +28,10 @@ from torch import nn
 from fovea.artifact import autocast, pick_device
 from fovea.data import Batches, discover, load_images
 from fovea.errors import FoveaError
-from fovea.models import check_input_size, create_model, default_config, source_of
+from fovea.models import default_config, source_of
 from fovea.models._transfer import load_weights, read_weights
 from fovea.training._config import TrainConfig, resolve
-from fovea.training._loop import _follow_weights_run, _steps, cpu_has_bf16, make_optimizer
+from fovea.training._loop import _follow_weights_run, _steps, build_model, cpu_has_bf16, make_optimizer
 from fovea.training._transfer import finetune_param_groups
 
 log = logging.getLogger("fovea.training")
@@ -255,11 +255,7 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
     if lost:  # as fovea train would refuse: a curve for a setup that cannot train is no help
         raise FoveaError(f"class(es) with no usable training image after quarantine: {', '.join(lost)}")
 
-    arch_kwargs = dict(cfg.extra)
-    if cfg.dropout is not None:
-        arch_kwargs["drop_rate"] = cfg.dropout
-    model = create_model(str(cfg.model), len(ds.classes), image_size=size, pretrained=bool(cfg.pretrained), **arch_kwargs)
-    check_input_size(model, size, str(cfg.model))
+    model, _ = build_model(cfg, len(ds.classes), size)
     mean, std = tuple(native["mean"]), tuple(native["std"])
     if weights_meta is not None:
         mean, std = tuple(weights_meta["preprocessing"]["mean"]), tuple(weights_meta["preprocessing"]["std"])
