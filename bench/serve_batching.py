@@ -139,7 +139,7 @@ def time_model(model_dir: str, batch: int, seconds: float, threads: int | None, 
     """
     import torch
 
-    from fovea.artifact import load
+    from fovea.runtime import load
 
     if threads:
         torch.set_num_threads(threads)
@@ -344,7 +344,7 @@ async def measure_server(args: argparse.Namespace, images: Images, label: str, b
 
 
 def machine() -> str:
-    from fovea.compare import machine as hardware  # the CPU (and GPU) line every Fovea benchmark prints
+    from fovea._system import machine as hardware  # the CPU (and GPU) line every Fovea benchmark prints
 
     return f"{hardware()}, Python {sys.version.split()[0]}, httpx {httpx.__version__}"
 

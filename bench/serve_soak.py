@@ -67,10 +67,10 @@ async def soak(args: argparse.Namespace, home: Path) -> None:
                 proc.kill()
     from sqlalchemy import func, select
 
-    from fovea.store import Prediction, Store
+    from fovea.store import PredictionRecord, Store
 
     with Store(f"sqlite:///{home / 'fovea.db'}").session() as s:
-        logged = s.scalar(select(func.count()).select_from(Prediction))
+        logged = s.scalar(select(func.count()).select_from(PredictionRecord))
     rss = [m for _, m in samples]
     print(f"{args.clients} clients for {args.seconds:.0f} s (after 10 s warm-up): {load.ok} answered, "
           f"{load.errors} errors{' (first: ' + load.first_error + ')' if load.errors else ''}; "

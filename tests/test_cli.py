@@ -132,7 +132,7 @@ def test_check_and_ops_start_without_torch(tiny_pets: Path, tmp_path: Path) -> N
 
 def test_demo_without_pets_trains_on_the_digits_and_evaluates_only_unseen_images(
         tmp_path: Path, fovea_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fovea.demo as demo
+    import fovea.cli._demo as demo
 
     monkeypatch.setattr(demo, "find_pets", lambda: None)  # a machine without ../shared/data
     monkeypatch.delenv("FOVEA_DEMO_DATA", raising=False)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import fovea
 from fovea.cli import app
-from fovea.compare import COLUMNS, compare, count_flops, rich_table, table
+from fovea.cli._render import compare_table as rich_table
+from fovea.compare import COLUMNS, compare, count_flops, table
 from fovea.errors import FoveaError
 
 # Not resnet18: one epoch of 80 images at 32 px took 26 s on the shared 2-core CPU, half a minute too long.

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import fovea
-from fovea.artifact import Model
 from fovea.cli import app, main
-from fovea.ensemble import Ensemble, make_ensemble
+from fovea.ensemble import make_ensemble
 from fovea.errors import FoveaError
+from fovea.runtime import Ensemble, TorchModel
 
 
 def _train(data: Path, out: Path, seed: int, size: int = 32, epochs: int = 2, tta: bool = True) -> Path:
@@ -92,7 +92,7 @@ def test_probabilities_are_the_mean_of_the_members(ens: tuple[Path, str], runs: 
     assert x.shape == (12, 3, 40, 40) and x.dtype == torch.uint8 and kept == list(range(12)) and bad == []
     probs = model.predict_proba(x)
 
-    members = [Model(r, "cpu") for r in runs]  # the original runs, loaded on their own
+    members = [TorchModel(r, "cpu") for r in runs]  # the original runs, loaded on their own
     small = F.interpolate(x.float(), size=(32, 32), mode="bilinear", antialias=True).round().to(torch.uint8)
     each = np.stack([members[0].predict_proba(small), members[1].predict_proba(small), members[2].predict_proba(x)])
     # Two epochs on 80 images leave the members near 0.5, but they disagree by ~3e-3: 300x the tolerance.
@@ -112,7 +112,7 @@ def test_members_of_one_size_are_averaged_exactly(runs: list[Path], tiny_pets: P
     model = fovea.load(out, "cpu")
     assert model.image_size == 32 and "metrics" not in model.meta
     x, _, _ = model.load_images(_val_images(tiny_pets))
-    expected = np.mean([Model(r, "cpu").predict_proba(x) for r in runs[:2]], axis=0)
+    expected = np.mean([TorchModel(r, "cpu").predict_proba(x) for r in runs[:2]], axis=0)
     np.testing.assert_allclose(model.predict_proba(x), expected, atol=1e-6)
     with pytest.raises(ValueError, match="40"):
         fovea.load(make_ensemble([runs[0], runs[2]], tmp_path / "mixed", progress=False), "cpu").predict_proba(x)

@@ -19,9 +19,9 @@ __version__ = "0.1.0"
 __all__ = ["check", "evaluate", "load", "train"]
 
 if TYPE_CHECKING:
-    from fovea.artifact import load
-    from fovea.data._check import check
+    from fovea.data import check
     from fovea.evaluation import evaluate
+    from fovea.runtime import load
     from fovea.training import train
 
 
@@ -35,11 +35,11 @@ def __getattr__(name: str) -> Any:
 
         return evaluate
     if name == "load":
-        from fovea.artifact import load
+        from fovea.runtime import load
 
         return load
     if name == "check":
-        from fovea.data._check import check
+        from fovea.data import check
 
         return check
     raise AttributeError(f"module 'fovea' has no attribute {name!r}")

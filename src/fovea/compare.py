@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fovea._system import machine
 from fovea.errors import FoveaError
 
 log = logging.getLogger("fovea.compare")
@@ -83,9 +83,9 @@ def compare(
         weights that cannot be downloaded offline) has its message in ``error`` and no metrics; the others
         go on. The files are rewritten after each model, so an interrupted comparison keeps what finished.
     """
-    from fovea.artifact import pick_device
     from fovea.data import discover
     from fovea.models import source_of
+    from fovea.runtime import pick_device
     from fovea.training import TrainConfig, train
 
     start = time.perf_counter()
@@ -151,11 +151,11 @@ def default_out(data: str | Path) -> Path:
 
 def _row(model: str, source: str, run: Path, wall: float) -> dict[str, Any]:
     """One table row, read back from the run folder (metrics.json, model.json) and the loaded model."""
-    from fovea.artifact import Model, load
+    from fovea.runtime import TorchModel, load
 
     metrics = json.loads((run / "metrics.json").read_text())
     loaded = load(run, device="cpu")
-    assert isinstance(loaded, Model), "fovea.train writes one model, not an ensemble"
+    assert isinstance(loaded, TorchModel), "fovea.train writes one model, not an ensemble"
     flops = count_flops(loaded.net, loaded.image_size)
     return {
         "model": model,
@@ -190,47 +190,6 @@ def table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
             line.append("n/a" if v is None else fmt.format(v))  # ROC-AUC is None when a class is missing
         cells.append([r["model"], "failed"] + ["-"] * (len(COLUMNS) - 2) if r.get("error") else line)
     return [h for h, _, _ in COLUMNS], cells
-
-
-def rich_table(rows: list[dict[str, Any]], *, title: str, width: int) -> Any:
-    """The table for a terminal ``width`` columns wide: a row per model, or, where that does not fit, a column
-    per model (the 11 columns need ~110 characters; folding them into 80 made every number unreadable)."""
-    from rich import box
-    from rich.console import Console
-    from rich.measure import Measurement
-    from rich.table import Table
-
-    headers, cells = table(rows)
-    style: dict[str, Any] = {"title": title, "caption": NOTES, "caption_justify": "left", "box": box.SIMPLE_HEAD}
-    wide = Table(**style)
-    for i, h in enumerate(headers):
-        wide.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
-    for c in cells:
-        wide.add_row(*c)
-    unbounded = Console(width=10_000)
-    if Measurement.get(unbounded, unbounded.options, wide).maximum <= width:
-        return wide
-    tall = Table(**style)
-    tall.add_column(headers[0])
-    for c in cells:
-        tall.add_column(c[0], justify="right", overflow="fold")
-    for j, h in enumerate(headers[1:], 1):
-        tall.add_row(h, *(c[j] for c in cells))
-    return tall
-
-
-def machine() -> str:
-    """The hardware the figures were measured on, in words."""
-    import torch
-
-    cpu = "CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu} ({os.cpu_count()} cores){gpu}, torch {torch.__version__}"
 
 
 def to_markdown(rows: list[dict[str, Any]], *, data: str | Path, wall: float) -> str:

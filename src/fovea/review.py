@@ -13,7 +13,6 @@ images become training data for the next version.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 from collections import Counter
@@ -27,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from fovea._home import home
 from fovea.errors import FoveaError
 from fovea.store import Feedback, Review, Store, Vote
+from fovea.store import fingerprint as fingerprint_of  # sha256 hex; `fingerprint` names the value here
 
 
 def queue_dir(name: str) -> Path:
@@ -50,7 +50,7 @@ def _extension(blob: bytes) -> str:
 
 def enqueue(store: Store, name: str, version: int, request_id: str, blob: bytes, probabilities: dict[str, float]) -> int | None:
     """Queue an upload for review; its id, or None when the same image is already queued for this model."""
-    fingerprint = hashlib.sha256(blob).hexdigest()
+    fingerprint = fingerprint_of(blob)
     folder = queue_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / (fingerprint + _extension(blob))
@@ -195,13 +195,12 @@ def retrain(name: str, *, data: str | Path | None = None, store: Store | None = 
             **overrides: Any) -> tuple[Any, dict[str, int]]:
     """Train the next version of ``name`` on its original data plus the labelled images; register it as
     ``candidate``. Returns (the registered version, images gained per class)."""
-    import fovea
-    from fovea import registry
+    from fovea import model_registry
     from fovea.artifact import read_meta
-    from fovea.training import config_fields
+    from fovea.training import config_fields, train
 
     store = store or Store()
-    current = registry.resolve(name, store=store)  # its production version
+    current = model_registry.resolve(name, store=store)  # its production version
     meta = read_meta(current.path)
     if "training" not in meta:
         raise FoveaError(f"{current.ref} records no training settings (a compressed or foreign artifact); "
@@ -214,6 +213,6 @@ def retrain(name: str, *, data: str | Path | None = None, store: Store | None = 
     settings = {k: v for k, v in meta["training"].items() if k in config_fields() and k not in ("data", "out", "resume")}
     settings.update(overrides)
     settings.update(out=str(version_dir / "run"), progress=progress)
-    run = fovea.train(merged, **settings)
-    return registry.add(run, name, alias="candidate", store=store), gained
+    run = train(merged, **settings)
+    return model_registry.add(run, name, alias="candidate", store=store), gained
 

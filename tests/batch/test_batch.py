@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 import fovea
 from fovea.batch import run_batch
 from fovea.errors import FoveaError
-from fovea.store import Prediction, Store
+from fovea.store import PredictionRecord, Store
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def photos(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stored(url: str, job: str) -> tuple[int, int]:
     """(rows, distinct input keys) of ``job``."""
     with Store(url).session() as s:
-        rows = s.scalar(select(func.count()).select_from(Prediction).where(Prediction.job == job))
-        keys = s.scalar(select(func.count(func.distinct(Prediction.input_key))).where(Prediction.job == job))
+        rows = s.scalar(select(func.count()).select_from(PredictionRecord).where(PredictionRecord.job == job))
+        keys = s.scalar(select(func.count(func.distinct(PredictionRecord.input_key))).where(PredictionRecord.job == job))
     return int(rows or 0), int(keys or 0)
 
 
@@ -53,7 +53,7 @@ def test_every_image_once_and_a_rerun_adds_nothing(run: Path, photos: Path, tmp_
     assert stored(url, r.job) == (360, 360)
     expected, _ = fovea.load(run, "cpu").predict(sorted((photos / "a").rglob("*.jpg"))[:5])
     with Store(url).session() as s:
-        got = {p.input_key: p.label for p in s.scalars(select(Prediction).where(Prediction.job == r.job))}
+        got = {p.input_key: p.label for p in s.scalars(select(PredictionRecord).where(PredictionRecord.job == r.job))}
     assert [got[Path(e.path).relative_to(photos).as_posix()] for e in expected] == [e.label for e in expected]
     again = run_batch(str(run), photos, db=url, progress=False)
     assert (again.job, again.predicted, again.already_done) == (r.job, 0, 360)
@@ -130,7 +130,7 @@ def test_ray_engine_matches_the_local_engine_and_resumes(run: Path, photos: Path
     assert distributed.unreadable == local.unreadable and distributed.unreadable[0][0] == "broken.jpg"
     assert stored(url, "ray") == (40, 40)
     with Store(url).session() as s:
-        rows = {(r.job, r.input_key): r for r in s.scalars(select(Prediction))}
+        rows = {(r.job, r.input_key): r for r in s.scalars(select(PredictionRecord))}
     for (job, key), r in rows.items():
         if job == "ray":
             twin = rows[("local", key)]

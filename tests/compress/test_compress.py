@@ -13,18 +13,14 @@ import torch
 from conftest import make_subset, run_main, train_cnn
 
 import fovea
-from fovea.artifact import Model, load_single
+from fovea._system import Hardware
 from fovea.compress import compress, export
-from fovea.compress._compress import GRADCAM_FLAG, Row, _GradCam, _verdict
-from fovea.compress._linear import (
-    dequantize_per_channel,
-    dequantize_state,
-    layer_error,
-    quantize_per_channel,
-    quantize_state,
-)
-from fovea.compress._measure import Hardware
+from fovea.compress._compress import Row, _verdict
+from fovea.compress._gradcam import GRADCAM_FLAG, GradCamCheck
+from fovea.compress._linear import layer_error, quantize_per_channel, quantize_state
 from fovea.errors import FoveaError
+from fovea.runtime import TorchModel, load_single
+from fovea.runtime.int8 import dequantize_per_channel, dequantize_state
 
 FAST = "fp16,bf16,int8-sym,int8-asym,onnx,ort-int8-minmax,ort-int8-percentile"
 
@@ -149,10 +145,10 @@ def test_predict_and_evaluate_accept_every_compressed_artifact(run: Path, result
 
 
 def test_low_precision_runs_natively_only_where_the_hardware_does(run: Path, result: dict) -> None:
-    from fovea.compress._measure import hardware
+    from fovea._system import hardware
 
     hw = hardware()
-    fp16, bf16 = (Model(run / "compressed" / m, "cpu") for m in ("fp16", "bf16"))
+    fp16, bf16 = (TorchModel(run / "compressed" / m, "cpu") for m in ("fp16", "bf16"))
     assert fp16.dtype == (torch.float16 if hw.fp16 else torch.float32)
     assert bf16.dtype == (torch.bfloat16 if hw.bf16 else torch.float32)
     assert rows(result)["bf16"]["native"] == bool(hw.bf16)
@@ -178,9 +174,9 @@ def test_a_model_that_looks_elsewhere_gets_a_low_gradcam_correlation(run: Path, 
     """Randomize the last stage (the one Grad-CAM reads): the maps must stop agreeing."""
     import copy
 
-    base = Model(run, "cpu")
+    base = TorchModel(run, "cpu")
     x, _, _ = base.load_images(sorted((pets / "val" / "cat").glob("*.jpg"))[:6])
-    cams = _GradCam(base, x)
+    cams = GradCamCheck(base, x)
     same = copy.copy(base)
     same.net = copy.deepcopy(base.net)
     rho_same, _ = cams.compare("same", same)
@@ -207,7 +203,7 @@ def test_pt2e_x86_flow_writes_a_quantized_program_that_loads(run: Path, tmp_path
 
 
 def test_a_pt2_archive_with_pickled_tensors_is_refused(run: Path, tmp_path: Path) -> None:
-    from fovea.compress._pt2e import PT2_FILE
+    from fovea.artifact import PT2_FILE
 
     folder = tmp_path / "evil"
     folder.mkdir()
@@ -305,7 +301,7 @@ def test_entropy_and_percentile_calibrations_differ_from_minmax(run: Path, tmp_p
 
     from fovea.compress._onnx import export_onnx, quantize_ort
 
-    base = Model(run, "cpu")
+    base = TorchModel(run, "cpu")
     fp32 = export_onnx(base.net, base.mean, base.std, base.image_size, tmp_path / "fp32.onnx")
     calib = torch.randint(0, 256, (32, 3, base.image_size, base.image_size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))

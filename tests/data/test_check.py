@@ -18,7 +18,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fovea.cli import app
-from fovea.data._check import check, print_report
+from fovea.cli._render import check_report as print_report
+from fovea.data import check
 from fovea.errors import FoveaError
 
 

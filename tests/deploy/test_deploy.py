@@ -18,9 +18,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import fovea
-from fovea import deploy, registry
-from fovea.artifact import read_meta, save_artifact
+from fovea import deploy, model_registry
+from fovea.artifact import read_meta
 from fovea.errors import FoveaError
+from fovea.runtime import save_model
 from fovea.serve import ServeConfig, create_app
 from fovea.store import Store
 
@@ -39,7 +40,7 @@ def broken(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for m in net.modules():
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
-    return save_artifact(tmp_path_factory.mktemp("broken") / "cnn", net, read_meta(run))
+    return save_model(tmp_path_factory.mktemp("broken") / "cnn", net, read_meta(run))
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def state(d: deploy.View) -> str:
 
 
 def test_a_10_percent_canary_answers_10_percent_and_is_sticky_per_client(run: Path, photos: list[bytes]) -> None:
-    registry.add(run, "pets")  # version 1 becomes production
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")  # version 1 becomes production
+    model_registry.add(run, "pets")
     d = deploy.start("pets:2", "canary", percent=10, interval_s=3600)
     assert d.steps == [10, 25, 50, 100] and d.percent == 10
     with server(log_predictions=False) as c:
@@ -95,8 +96,8 @@ def test_a_10_percent_canary_answers_10_percent_and_is_sticky_per_client(run: Pa
 
 
 def test_a_broken_candidate_is_rolled_back_automatically(run: Path, broken: Path, photos: list[bytes]) -> None:
-    registry.add(run, "pets")
-    registry.add(broken, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(broken, "pets")
     d = deploy.start("pets:2", "canary", percent=50, interval_s=3600, thresholds={"min_samples": 20})
     with server() as c:
         answered: list[int] = []
@@ -116,8 +117,8 @@ def test_a_broken_candidate_is_rolled_back_automatically(run: Path, broken: Path
 
 
 def test_a_healthy_canary_steps_up_and_is_promoted_then_rolled_back_instantly(run: Path, photos: list[bytes]) -> None:
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     d = deploy.start("pets:2", "canary", steps=[50, 100], interval_s=0.5, thresholds={"min_samples": 10})
     with server() as c:
         answered: list[int] = []
@@ -135,8 +136,8 @@ def test_a_healthy_canary_steps_up_and_is_promoted_then_rolled_back_instantly(ru
 
 
 def test_a_blue_green_switch_during_200_concurrent_requests_drops_none(run: Path, photos: list[bytes]) -> None:
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     with server(log_predictions=False) as c:
         results: list[Any] = []
         stop = threading.Event()
@@ -169,8 +170,8 @@ def test_a_blue_green_switch_during_200_concurrent_requests_drops_none(run: Path
 
 def test_shadow_answers_with_production_and_compares_the_candidate(run: Path, broken: Path,
                                                                    photos: list[bytes]) -> None:
-    registry.add(run, "pets")
-    registry.add(broken, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(broken, "pets")
     d = deploy.start("pets:2", "shadow")
     with server() as c:
         answers = [post(c, image) for image in photos[:30]]
@@ -184,8 +185,8 @@ def test_shadow_answers_with_production_and_compares_the_candidate(run: Path, br
 
 
 def test_admin_routes_need_the_token(run: Path) -> None:
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     with server(log_predictions=False) as c:
         assert c.get("/v1/admin/deployments").status_code == 403  # no token configured: off
     with server(log_predictions=False, admin_token="s3cret") as c:
@@ -206,7 +207,7 @@ def test_admin_routes_need_the_token(run: Path) -> None:
 
 
 def test_deploy_refuses_what_cannot_be_compared(run: Path, tmp_path: Path) -> None:
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
     with pytest.raises(FoveaError, match="already pets's production"):
         deploy.start("pets:1", "canary")
     other = tmp_path / "other"
@@ -214,10 +215,10 @@ def test_deploy_refuses_what_cannot_be_compared(run: Path, tmp_path: Path) -> No
     meta = read_meta(other)
     meta["classes"] = ["bee", "ant"]
     (other / "model.json").write_text(__import__("json").dumps(meta))
-    registry.add(other, "pets")
+    model_registry.add(other, "pets")
     with pytest.raises(FoveaError, match="could not be compared"):
         deploy.start("pets:2", "canary")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
     with pytest.raises(FoveaError, match="unknown strategy"):
         deploy.start("pets:3", "rainbow")
     with pytest.raises(FoveaError, match="end at 100"):
@@ -229,9 +230,9 @@ def test_deploy_refuses_what_cannot_be_compared(run: Path, tmp_path: Path) -> No
         with pytest.raises(FoveaError, match=message):
             deploy.start("pets:3", "canary", thresholds=bad)  # type: ignore[arg-type]
     with pytest.raises(FoveaError, match="not allowed"):
-        registry.add(run, "pets", alias="a b")
-    assert [v.version for v in registry.versions("pets")] == [1, 2, 3]  # the refused add registered nothing
-    shutil.rmtree(registry.resolve("pets:3").path)
+        model_registry.add(run, "pets", alias="a b")
+    assert [v.version for v in model_registry.versions("pets")] == [1, 2, 3]  # the refused add registered nothing
+    shutil.rmtree(model_registry.resolve("pets:3").path)
     with pytest.raises(FoveaError, match="files are gone"):
         deploy.start("pets:3", "canary")
     assert deploy.active("pets", Store()) is None
@@ -239,8 +240,8 @@ def test_deploy_refuses_what_cannot_be_compared(run: Path, tmp_path: Path) -> No
 
 def test_the_cli_deploys_lists_and_rolls_back(run: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     code, out, _ = run_main(["deploy", "pets:2", "--strategy", "canary", "--steps", "5,50,100", "--interval", "2m"],
                             monkeypatch, capsys)
     assert code == 0 and "5 % of requests" in out and "every 120 s" in out
@@ -286,8 +287,8 @@ def test_a_registry_without_a_production_alias_is_still_served(run: Path, photos
 
     from fovea.store import Alias
 
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     with Store().session() as s:  # as in a registry made before the first version became production
         s.execute(delete(Alias))
     with server(log_predictions=False) as c:
@@ -299,8 +300,8 @@ def test_a_registry_without_a_production_alias_is_still_served(run: Path, photos
 
 
 def test_open_inference_protocol_follows_the_canary_and_can_pin_a_version(run: Path, photos: list[bytes]) -> None:
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     deploy.start("pets:2", "canary", percent=50, interval_s=3600)
     body = {"inputs": [{"name": "image_files", "datatype": "BYTES", "shape": [1],
                         "data": [base64.b64encode(photos[0]).decode()]}]}
@@ -316,10 +317,10 @@ def test_open_inference_protocol_follows_the_canary_and_can_pin_a_version(run: P
 
 
 def test_a_candidate_that_will_not_load_is_rolled_back_not_retried_forever(run: Path, photos: list[bytes]) -> None:
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     d = deploy.start("pets:2", "canary", percent=50, interval_s=3600)
-    (Path(registry.resolve("pets:2").path) / "model.safetensors").write_bytes(b"not the registered weights")
+    (Path(model_registry.resolve("pets:2").path) / "model.safetensors").write_bytes(b"not the registered weights")
     with server(log_predictions=False) as c:
         wait_for(lambda: state(d) == "rolled_back", 20)
         assert {post(c, image)["model_version"] for image in photos[:10]} == {1}

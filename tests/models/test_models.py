@@ -1,4 +1,4 @@
-"""The model registry, and the artifact round trip: save_artifact -> fovea.load -> predict."""
+"""The model registry, and the artifact round trip: save_model -> fovea.load -> predict."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import fovea
-from fovea.artifact import META, WEIGHTS, save_artifact
+from fovea.artifact import META, WEIGHTS
 from fovea.errors import FoveaError
 from fovea.models import create_model, list_models, source_of
+from fovea.runtime import save_model
 
 # Every architecture below runs at 64 px (torchvision's alexnet and googlenet pool adaptively).
 ARCHITECTURES = ["mlp", "cnn", "resnet18", "mobilenetv1_100", "efficientnet_b0", "alexnet", "googlenet", "vgg11"]
@@ -86,7 +87,7 @@ def _photos(pets_root: Path, n: int = 2) -> list[str]:
 @pytest.mark.parametrize("tta", [False, True])
 def test_artifact_round_trip_predicts(tmp_path: Path, pets_root: Path, tta: bool) -> None:
     net = _small_cnn()
-    folder = save_artifact(tmp_path / "model", net, _meta(tta=tta))
+    folder = save_model(tmp_path / "model", net, _meta(tta=tta))
     assert (folder / WEIGHTS).is_file() and (folder / META).is_file()
 
     model = fovea.load(folder, device="cpu")
@@ -121,7 +122,7 @@ def test_artifact_round_trip_predicts(tmp_path: Path, pets_root: Path, tta: bool
 
 
 def test_predict_skips_unreadable_files(tmp_path: Path, pets_root: Path) -> None:
-    folder = save_artifact(tmp_path / "model", _small_cnn(), _meta())
+    folder = save_model(tmp_path / "model", _small_cnn(), _meta())
     junk = tmp_path / "junk.jpg"
     junk.write_text("hello")
     files = [_photos(pets_root, 1)[0], str(junk)]
@@ -130,22 +131,22 @@ def test_predict_skips_unreadable_files(tmp_path: Path, pets_root: Path) -> None
     assert len(skipped) == 1 and skipped[0][0] == str(junk) and skipped[0][1]
 
 
-def test_save_artifact_requires_the_essentials(tmp_path: Path) -> None:
+def test_save_model_requires_the_essentials(tmp_path: Path) -> None:
     meta = _meta()
     del meta["preprocessing"]
     with pytest.raises(ValueError, match="preprocessing"):
-        save_artifact(tmp_path / "model", _small_cnn(), meta)
+        save_model(tmp_path / "model", _small_cnn(), meta)
 
 
 def test_load_folder_without_model_json(tmp_path: Path) -> None:
-    folder = save_artifact(tmp_path / "model", _small_cnn(), _meta())
+    folder = save_model(tmp_path / "model", _small_cnn(), _meta())
     (folder / META).unlink()
     with pytest.raises(FoveaError, match="not a Fovea model.*model.json"):
         fovea.load(folder, device="cpu")
 
 
 def test_load_model_json_of_another_format(tmp_path: Path) -> None:
-    folder = save_artifact(tmp_path / "model", _small_cnn(), _meta())
+    folder = save_model(tmp_path / "model", _small_cnn(), _meta())
     meta = json.loads((folder / META).read_text())
     (folder / META).write_text(json.dumps({**meta, "format": "keras.model"}))
     with pytest.raises(FoveaError, match="format"):
@@ -171,7 +172,7 @@ def test_load_model_json_of_another_format(tmp_path: Path) -> None:
     (lambda m: m["architecture"].update(kwargs=None), "'architecture' must be"),
 ])
 def test_an_edited_model_json_is_refused_with_its_reason(tmp_path: Path, edit: Any, message: str) -> None:
-    folder = save_artifact(tmp_path / "model", _small_cnn(), _meta())
+    folder = save_model(tmp_path / "model", _small_cnn(), _meta())
     meta = json.loads((folder / META).read_text())
     edit(meta)
     (folder / META).write_text(json.dumps(meta))
@@ -192,6 +193,6 @@ def _other_weights(case: str) -> torch.nn.Module:
 @pytest.mark.parametrize("case", ["resnet18", "mlp", "cnn-other-widths", "cnn-2-classes"])
 def test_load_weights_of_another_architecture(tmp_path: Path, case: str) -> None:
     """model.json says cnn (widths 8-32, 3 classes), model.safetensors holds something else."""
-    folder = save_artifact(tmp_path / "model", _other_weights(case), _meta())
+    folder = save_model(tmp_path / "model", _other_weights(case), _meta())
     with pytest.raises(FoveaError, match="does not match"):
         fovea.load(folder, device="cpu")

@@ -20,10 +20,10 @@ from PIL import Image
 
 import fovea
 from fovea import ops
-from fovea.artifact import infer
 from fovea.data import load_images, load_square, read_image
 from fovea.data._layout import Sample
 from fovea.errors import FoveaError
+from fovea.runtime import infer
 
 OPS = [o.name for o in ops.list_ops()]
 
@@ -470,7 +470,7 @@ def pre_run(pets_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return data, run
 
 
-def _by_hand(model: fovea.artifact.Model, path: Path, steps: bool) -> np.ndarray:
+def _by_hand(model: fovea.runtime.TorchModel, path: Path, steps: bool) -> np.ndarray:
     x = load_square(path, model.image_size)
     if steps:
         x = np.repeat(ops.apply("clahe", ops.apply("gray", x))[..., None], 3, axis=2)

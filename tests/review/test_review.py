@@ -12,7 +12,7 @@ import pytest
 from conftest import run_main, train_cnn
 from fastapi.testclient import TestClient
 
-from fovea import deploy, registry
+from fovea import deploy, model_registry
 from fovea.artifact import read_meta
 from fovea.serve import ServeConfig, create_app
 
@@ -24,7 +24,7 @@ def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_label_correct_retrain(run: Path, pets_root: Path, fovea_home: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
     uploads = {p: c for c in ("cat", "dog") for p in sorted((pets_root / "val" / c).glob("*.jpg"))[30:34]}
     with TestClient(create_app(ServeConfig(model="pets", review_below=1.0, consensus=2, drift_every_s=0))) as c:
         for p in uploads:
@@ -63,7 +63,7 @@ def test_label_correct_retrain(run: Path, pets_root: Path, fovea_home: Path, mon
     code, out, err = run_main(["train", "--from-store", "pets", "--epochs", "1", "--quiet"], monkeypatch, capsys)
     assert code == 0, err
     assert "registered pets:2 (candidate)" in out and "fovea deploy pets:2" in out
-    v2 = registry.resolve("pets:candidate")
+    v2 = model_registry.resolve("pets:candidate")
     counts = read_meta(v2.path)["data"]["counts"]["train"]
     gained = {c: expected.count(c) for c in ("cat", "dog")}
     assert counts == {c: 40 + gained[c] for c in ("cat", "dog")}  # the original 40 per class plus the labelled

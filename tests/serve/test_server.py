@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import fovea
-from fovea import registry
+from fovea import model_registry
 from fovea.serve import MicroBatcher, ServeConfig, create_app
-from fovea.store import Prediction, Store
+from fovea.store import PredictionRecord, Store
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +164,12 @@ def test_concurrent_http_requests_share_forward_passes_and_are_logged(run: Path,
         count = float(metrics.split('fovea_batch_size_count{model_version="0"} ')[1].split()[0])
         assert count < 24 + 2  # 24 requests (+2 warm-up batches) took fewer forward passes than requests
     with Store().session() as s:  # leaving the client shut the server down, which flushes the log
-        rows = s.query(Prediction).all()
+        rows = s.query(PredictionRecord).all()
     assert len(rows) == 24 and {r.client_id for r in rows} == {"t"} and all(len(r.fingerprint) == 64 for r in rows)
 
 
 def test_serving_a_registered_version(run: Path, photos: list[Path]) -> None:
-    registry.add(run, "pets", alias="production")
+    model_registry.add(run, "pets", alias="production")
     with TestClient(create_app(ServeConfig(model="pets:production", log_predictions=False))) as c:
         r = c.post("/v1/predict", content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"})
         assert r.status_code == 200 and (r.json()["model"], r.json()["model_version"]) == ("pets", 1)
@@ -186,7 +186,7 @@ def test_hybrid_answers_from_batch_predictions_and_falls_back_to_online(run: Pat
     (folder / photos[0].name).write_bytes(photos[0].read_bytes())
     job = run_batch(str(run), folder, progress=False).job
     with Store().session() as s:  # mark the stored answer, to see that it is the one served
-        s.execute(update(Prediction).where(Prediction.job == job).values(probabilities={"cat": 0.123, "dog": 0.877}))
+        s.execute(update(PredictionRecord).where(PredictionRecord.job == job).values(probabilities={"cat": 0.123, "dog": 0.877}))
     with client(run, hybrid=True, log_predictions=False) as c:
         files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:2]]
         preds = c.post("/v1/predict", files=files).json()["predictions"]

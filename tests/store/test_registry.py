@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_main, train_cnn
 
-from fovea import registry
+from fovea import model_registry
 from fovea.errors import FoveaError
 from fovea.store import Base, ModelVersion, Store
 
@@ -47,43 +47,43 @@ def test_postgresql_store_is_migrated_and_holds_the_registry(postgres_url: str, 
     store = Store(postgres_url)
     assert store.engine.dialect.name == "postgresql"
     assert alembic_revision(store) == "0004" and schema_differences(store) == []
-    v = registry.add(run, "pg-pets", alias="production", store=store)
-    again = registry.add(run, "pg-pets", store=store)
+    v = model_registry.add(run, "pg-pets", alias="production", store=store)
+    again = model_registry.add(run, "pg-pets", store=store)
     assert (v.version, again.version) == (1, 2)
-    assert registry.resolve("pg-pets", store=Store(postgres_url)).version == 1  # production wins over newest
+    assert model_registry.resolve("pg-pets", store=Store(postgres_url)).version == 1  # production wins over newest
 
 
 def test_add_makes_versions_copies_files_and_moves_aliases(run: Path, fovea_home: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    v1 = registry.add(copy, "pets")
-    v2 = registry.add(copy, "pets", alias="candidate")
+    v1 = model_registry.add(copy, "pets")
+    v2 = model_registry.add(copy, "pets", alias="candidate")
     assert (v1.version, v2.version) == (1, 2) and v2.aliases == ["candidate"]
     assert Path(v1.path) == fovea_home / "models" / "pets" / "1"
     assert sorted(p.name for p in Path(v1.path).iterdir()) == ["model.json", "model.safetensors", "reference.npz", "report.html"]  # no checkpoints
-    assert registry.resolve("pets").version == 1  # the first version became production; adding more does not move it
-    assert registry.versions("pets")[0].aliases == ["production"] and registry.resolve("pets:candidate").version == 2
-    registry.set_alias("pets", 2, "production")  # an alias moves, it is not duplicated
-    assert registry.resolve("pets:production").version == 2
-    assert [x.aliases for x in registry.versions("pets")] == [[], ["candidate", "production"]]
+    assert model_registry.resolve("pets").version == 1  # the first version became production; adding more does not move it
+    assert model_registry.versions("pets")[0].aliases == ["production"] and model_registry.resolve("pets:candidate").version == 2
+    model_registry.set_alias("pets", 2, "production")  # an alias moves, it is not duplicated
+    assert model_registry.resolve("pets:production").version == 2
+    assert [x.aliases for x in model_registry.versions("pets")] == [[], ["candidate", "production"]]
     shutil.rmtree(copy)  # the registered copy does not need the run
-    preds, _ = registry.open_version(registry.resolve("pets:1"), "cpu").predict(sorted(run.parent.glob("*"))[:0])
+    preds, _ = model_registry.open_version(model_registry.resolve("pets:1"), "cpu").predict(sorted(run.parent.glob("*"))[:0])
     assert preds == []
     (Path(v1.path) / "model.safetensors").write_bytes(b"tampered")
     with pytest.raises(FoveaError, match="changed since they were registered"):
-        registry.open_version(registry.resolve("pets:1"), "cpu")
+        model_registry.open_version(model_registry.resolve("pets:1"), "cpu")
 
 
 def test_registry_errors(run: Path, tmp_path: Path) -> None:
     with pytest.raises(FoveaError, match="not allowed"):
-        registry.add(run, "../escape")
+        model_registry.add(run, "../escape")
     with pytest.raises(FoveaError, match="not a Fovea model"):
-        registry.add(tmp_path, "pets")
-    registry.add(run, "pets")
+        model_registry.add(tmp_path, "pets")
+    model_registry.add(run, "pets")
     with pytest.raises(FoveaError, match="not in the registry"):
-        registry.resolve("pets:7")
+        model_registry.resolve("pets:7")
     with pytest.raises(FoveaError, match="no model named"):
-        registry.versions("dogs")
+        model_registry.versions("dogs")
     with Store().session() as s:
         assert s.query(ModelVersion).count() == 1  # the refused adds left nothing behind
 

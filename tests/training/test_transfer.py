@@ -13,12 +13,12 @@ from conftest import make_subset
 from safetensors.torch import load_file, save_file
 
 import fovea
+from fovea.cli._demo import make_digits
 from fovea.data import discover, load_images
-from fovea.demo import make_digits
 from fovea.errors import FoveaError
 from fovea.models import create_model
-from fovea.models._transfer import embed, fold_probe, load_weights, read_weights
-from fovea.training._transfer import SIMILAR_SHIFT, choose_mode, measure_shift
+from fovea.models.backbone import embed, fold_probe, load_weights, read_weights
+from fovea.training._modes import SIMILAR_SHIFT, choose_mode, measure_shift
 
 TINY: dict[str, Any] = {"image_size": 32, "progress": False}
 
@@ -163,7 +163,7 @@ def test_two_phases_train_the_head_then_the_unfrozen_blocks() -> None:
     from types import SimpleNamespace
 
     from fovea.training._loop import make_optimizer
-    from fovea.training._transfer import Freezer, finetune_param_groups
+    from fovea.training._modes import Freezer, finetune_param_groups
 
     torch.manual_seed(0)
     model = create_model("cnn", 2, image_size=32, widths=(8, 16, 32, 64))

@@ -26,7 +26,8 @@ import torch
 from sqlalchemy import select
 
 from fovea.errors import FoveaError, ImageError
-from fovea.store import Prediction, Store
+from fovea.store import PredictionRecord, Store
+from fovea.store import fingerprint as fingerprint_of  # sha256 hex; `fingerprint` names the values here
 
 log = logging.getLogger("fovea.batch")
 
@@ -88,7 +89,7 @@ def _read(item: tuple[str, Path], size: int) -> tuple[str, np.ndarray | None, st
         blob = path.read_bytes()
     except OSError as e:
         return key, None, "", f"cannot read: {e.strerror or e}"
-    fingerprint = hashlib.sha256(blob).hexdigest()
+    fingerprint = fingerprint_of(blob)
     try:
         return key, load_square(blob, size), fingerprint, ""
     except ImageError as e:
@@ -107,7 +108,7 @@ def _insert(store: Store, rows: list[dict[str, Any]]) -> None:
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
     with store.session() as s:
-        s.execute(insert(Prediction).on_conflict_do_nothing(index_elements=["job", "input_key"]), rows)
+        s.execute(insert(PredictionRecord).on_conflict_do_nothing(index_elements=["job", "input_key"]), rows)
 
 
 # (input key, label, probabilities, fingerprint, milliseconds per image)
@@ -151,7 +152,7 @@ class RayPredictor:
     """A Ray Data actor: loads the model once, then decodes and predicts one batch of paths per call."""
 
     def __init__(self, folder: str, device: str) -> None:
-        from fovea.artifact import load
+        from fovea.runtime import load
 
         self.model = load(folder, device)
 
@@ -215,21 +216,20 @@ def run_batch(model: str, source: str | Path, *, db: str | None = None, job: str
     ``engine="ray"`` runs decoding and prediction as ``actors`` Ray Data actors on the cluster at
     ``ray_address`` (None: a local Ray instance), each loading the model folder itself.
     """
-    from fovea import registry
-    from fovea.artifact import META
+    from fovea import model_registry
 
     if engine not in ("local", "ray"):
         raise FoveaError(f"unknown engine {engine!r}: local or ray")
     source = Path(source)
     store = Store(db)
-    name, version, loaded, _ = registry.open_model(model, device, store)
-    folder = Path(model) if (Path(model) / META).exists() else Path(registry.resolve(model, store=store).path)
+    name, version, loaded, _ = model_registry.open_model(model, device, store)
+    folder = model_registry.locate(model, store=store).path
     items = list_inputs(source)
     if not items:
         raise FoveaError(f"no image files in {source}")
     job = job or default_job(name, version, source)
     with store.session() as s:
-        done = set(s.scalars(select(Prediction.input_key).where(Prediction.job == job)).all())
+        done = set(s.scalars(select(PredictionRecord.input_key).where(PredictionRecord.job == job)).all())
     todo = [it for it in items if it[0] not in done]
     result = BatchResult(job, name, version, len(items), len(items) - len(todo), 0)
     start = time.perf_counter()
@@ -266,7 +266,7 @@ def export_parquet(store: Store, job: str, path: Path) -> Path:
     import pyarrow.parquet as pq
 
     with store.session() as s:
-        rows = s.scalars(select(Prediction).where(Prediction.job == job).order_by(Prediction.input_key)).all()
+        rows = s.scalars(select(PredictionRecord).where(PredictionRecord.job == job).order_by(PredictionRecord.input_key)).all()
         table = pa.table({
             "input_key": [r.input_key for r in rows], "label": [r.label for r in rows],
             "confidence": [r.confidence for r in rows],

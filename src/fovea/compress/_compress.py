@@ -24,11 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fovea.artifact import FORMAT, FORMAT_VERSION, META, WEIGHTS, Model, Predictor, load_single, read_meta, versions
+from fovea._system import Hardware, hardware
+from fovea.artifact import FORMAT, META, ONNX_FILE, PT2_FILE, REFERENCE, WEIGHTS, read_meta, write_meta
+from fovea.compress._gradcam import GRADCAM_FLAG, GradCamCheck
 from fovea.compress._linear import quantize_state
-from fovea.compress._measure import Hardware, Speed, hardware, measure
-from fovea.compress._onnx import ONNX_FILE, export_onnx, quantize_ort
+from fovea.compress._measure import Speed, measure
+from fovea.compress._onnx import export_onnx, quantize_ort
 from fovea.errors import FoveaError
+from fovea.runtime import Network, TorchModel, load_single
 
 log = logging.getLogger("fovea.compress")
 
@@ -46,10 +49,6 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 CALIBRATED = ("ort-int8-minmax", "ort-int8-percentile", "ort-int8-entropy", "pt2e-x86")
 FOLDER = "compressed"
-# A compressed model whose Grad-CAM maps correlate less than this with the float32 model's (median Spearman
-# over the images) is flagged as looking at different things. Measured on pets: int8 weights and bf16 sit
-# above 0.95; a network with its last stage randomized below 0.3.
-GRADCAM_FLAG = 0.7
 ACCURACY_LOSS_FLAG = 0.01  # one point: the issue's bar for "no real loss"
 
 
@@ -82,8 +81,6 @@ class Row:
 def _size(path: Path) -> int:
     """Bytes of the model file(s) in an artifact folder; model.json and the drift reference excluded (the same
     for all)."""
-    from fovea.monitor import REFERENCE
-
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in (META, REFERENCE))
 
 
@@ -91,8 +88,6 @@ def _carry_reference(run: Path, folder: Path) -> None:
     """The source's drift reference goes with each artifact: a compressed model sees the same validation
     images, and its image statistics and predictions are what drift checks compare (ONNX Runtime and
     torch.export expose no embeddings, so their embedding tests do not run)."""
-    from fovea.monitor import REFERENCE
-
     if (run / REFERENCE).exists():
         shutil.copy2(run / REFERENCE, folder / REFERENCE)
 
@@ -117,7 +112,7 @@ def _training_root(meta: dict[str, Any]) -> Path | None:
     return p if p.exists() else None
 
 
-def _eval_images(model: Model, data: Path, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
+def _eval_images(model: TorchModel, data: Path, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
     from fovea.data import eval_samples, load_images
 
     samples, _, _ = eval_samples(data, model.classes)
@@ -127,7 +122,7 @@ def _eval_images(model: Model, data: Path, progress: bool) -> tuple[torch.Tensor
     return images.images, images.labels.numpy()
 
 
-def _calibration_images(model: Model, root: Path, n: int, seed: int, progress: bool) -> torch.Tensor:
+def _calibration_images(model: TorchModel, root: Path, n: int, seed: int, progress: bool) -> torch.Tensor:
     """A class-stratified sample of ``n`` training images, after the model's --preprocess steps."""
     from fovea.data import discover, load_images
 
@@ -143,21 +138,15 @@ def _calibration_images(model: Model, root: Path, n: int, seed: int, progress: b
     return model.prepare(images.images)
 
 
-def _meta_for(source: dict[str, Any], method: str, runtime: str, extra: dict[str, Any]) -> dict[str, Any]:
-    meta = {k: v for k, v in source.items() if k not in ("metrics", "created", "versions", "format", "format_version")}
-    meta.update({
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
-        "compression": {"method": method, "runtime": runtime, "description": METHODS[method][1], **extra},
-    })
+def meta_for(source: dict[str, Any], method: str, runtime: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The source's model.json for an artifact made from it by ``method``: its metrics dropped (the artifact's
+    own are measured), how it was made under "compression"."""
+    meta = {k: v for k, v in source.items() if k != "metrics"}
+    meta["compression"] = {"method": method, "runtime": runtime, "description": METHODS[method][1], **extra}
     return meta
 
 
-def _write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    (folder / META).write_text(json.dumps(meta, indent=2, default=str))
-
-
-def _build(method: str, model: Model, folder: Path, calibration: torch.Tensor | None, work: Path) -> dict[str, Any]:
+def _build(method: str, model: TorchModel, folder: Path, calibration: torch.Tensor | None, work: Path) -> dict[str, Any]:
     """Write the artifact of ``method`` into ``folder``; returns what the row should know about how."""
     from safetensors.torch import save_file
 
@@ -194,7 +183,7 @@ def _build(method: str, model: Model, folder: Path, calibration: torch.Tensor | 
         extra.update(info)
         details.update(info)
     elif method == "pt2e-x86":
-        from fovea.compress._pt2e import PT2_FILE, quantize_pt2e
+        from fovea.compress._pt2e import quantize_pt2e
 
         assert calibration is not None
         info = quantize_pt2e(model.net, model.mean, model.std, model.image_size, calibration, folder / PT2_FILE)
@@ -202,73 +191,23 @@ def _build(method: str, model: Model, folder: Path, calibration: torch.Tensor | 
         details.update(info)
     else:
         raise FoveaError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    _write_meta(folder, _meta_for(model.meta, method, runtime, extra))
+    write_meta(folder, meta_for(model.meta, method, runtime, extra))
     return details
 
 
 def _record_accuracy(folder: Path, row: Row, data: Path) -> None:
     """The artifact's own accuracy in its model.json (the registry and reports show it), not the source's."""
-    meta = json.loads((folder / META).read_text())
+    meta = read_meta(folder)
     meta["metrics"] = {"accuracy": row.accuracy, "accuracy_95ci": list(row.accuracy_95ci),
                        "agreement_with_fp32": row.agreement, "data": str(data), "measured_by": "fovea compress"}
-    _write_meta(folder, meta)
+    write_meta(folder, meta)
 
 
 def _accuracy(pred: np.ndarray, labels: np.ndarray) -> tuple[float, tuple[float, float]]:
-    from fovea.evaluation._metrics import accuracy_interval
+    from fovea.evaluation import accuracy_interval
 
     correct = int((pred == labels).sum())
     return correct / len(labels), accuracy_interval(correct, len(labels))
-
-
-class _GradCam:
-    """The float32 model's Grad-CAM maps on a few test images, and each compressed artifact's for comparison.
-
-    PyTorch artifacts get Grad-CAM with gradients (fp16/bf16 computed in float32 from the rounded weights;
-    int8 weights dequantized). ONNX Runtime has no backward pass, so ONNX artifacts get it by central finite
-    differences through the graph after the layer (``_ort_cam``; the same maps as PyTorch's on the float32
-    export, median Spearman >= 0.999 on pets). The compiled PT2E program gets none, and its row says so.
-    Each map explains the class the float32 model predicts, so two maps always answer the same question.
-    """
-
-    def __init__(self, base: Model, images: torch.Tensor) -> None:
-        from fovea.compress._ort_cam import layer_aliases
-        from fovea.explain import net_maps, resolve_layer
-
-        self.base, self.images = base, images
-        self.layer_name, layer = resolve_layer(base.net, base.image_size, None)
-        self.aliases = layer_aliases(base.net, base.image_size, self.layer_name)
-        self.targets = [int(i) for i in base.predict_proba(images).argmax(1)] if len(images) else []
-        self.prepared = base.prepare(images)
-        self.reference: Path | None = None  # the float32 ONNX export the int8 graphs came from
-        self.maps: dict[str, np.ndarray] = {}
-        self.maps["fp32"] = net_maps(base.net, self.prepared, self.targets, layer=layer, **self._kw())
-
-    def _kw(self) -> dict[str, Any]:
-        return {"method": "gradcam", "mean": self.base.mean, "std": self.base.std, "batch_size": 16}
-
-    def compare(self, method: str, other: Predictor) -> tuple[float | None, str]:
-        """Median |Spearman| between the float32 model's maps and ``other``'s (None, why: not computable)."""
-        import copy
-
-        from fovea.compress._onnx import OnnxModel
-        from fovea.compress._ort_cam import onnx_gradcam
-        from fovea.explain import net_maps, rank_correlation
-
-        if isinstance(other, Model):
-            net = copy.deepcopy(other.net).float().cpu()
-            maps = net_maps(net, self.prepared, self.targets, layer=dict(net.named_modules())[self.layer_name],
-                             **self._kw())
-        elif isinstance(other, OnnxModel):
-            try:
-                maps = onnx_gradcam(other.path / ONNX_FILE, self.aliases, self.prepared, self.targets,
-                                    reference=self.reference)
-            except FoveaError as e:
-                return None, f"not computed: {e}"
-        else:
-            return None, "not computed: no gradients in this runtime"
-        self.maps[method] = maps
-        return float(np.median([rank_correlation(a, b) for a, b in zip(self.maps["fp32"], maps)])), ""
 
 
 def _verdict(row: Row, base: Row, hw: Hardware, onnx: Row | None = None) -> str:
@@ -300,7 +239,7 @@ def _verdict(row: Row, base: Row, hw: Hardware, onnx: Row | None = None) -> str:
     return "; ".join(parts + advice)
 
 
-def _score_row(method: str, model: Predictor, images: torch.Tensor, labels: np.ndarray, base_pred: np.ndarray | None,
+def _score_row(method: str, model: Network, images: torch.Tensor, labels: np.ndarray, base_pred: np.ndarray | None,
                *, path: Path, device: str, details: dict[str, Any]) -> Row:
     """A row with accuracy and size; speed comes later, from ``_time_rows``."""
     runtime, description = METHODS.get(method, ("torch", "float32, as trained"))
@@ -315,7 +254,7 @@ def _score_row(method: str, model: Predictor, images: torch.Tensor, labels: np.n
                throughput=nan, details=details)
 
 
-def _time_rows(timed: list[tuple[Row, Predictor]], seconds: float, rounds: int) -> None:
+def _time_rows(timed: list[tuple[Row, Network]], seconds: float, rounds: int) -> None:
     """Latency and throughput of every row, interleaved: ``rounds`` passes over all models, medians kept.
 
     One model measured after another would let a slow minute of the machine (another process, thermal
@@ -372,7 +311,7 @@ def compress(
     if unknown:
         raise FoveaError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     hw = hardware()
-    base = Model(run, "cpu")
+    base = TorchModel(run, "cpu")
     data_root = Path(data) if data is not None else _training_root(meta)
     if data_root is None:
         raise FoveaError(f"the data {run} was trained on is not found ({(meta.get('data') or {}).get('root')}); "
@@ -394,9 +333,9 @@ def compress(
     base_row.description, base_row.runtime = "float32, as trained (PyTorch)", "torch"
     base_pred = base_row.details.pop("_pred")
     rows.append(base_row)
-    timed: list[tuple[Row, Predictor]] = [(base_row, base)]
+    timed: list[tuple[Row, Network]] = [(base_row, base)]
     sample = images[torch.from_numpy(_stratified(labels, gradcam_images, seed))] if gradcam_images > 0 else images[:0]
-    cams = _GradCam(base, sample) if len(sample) else None
+    cams = GradCamCheck(base, sample) if len(sample) else None
     with tempfile.TemporaryDirectory(prefix="fovea-compress-") as tmp:
         for method in methods:
             folder = out / method
@@ -452,7 +391,9 @@ def compress(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": [_finite(r.to_dict()) for r in rows],
     }
-    (out / "compression.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    text = json.dumps(result, indent=2, default=_json_default)
+    (out / "compression.json").write_text(text)
+    result = json.loads(text)  # what the file says: numpy numbers as plain ones, so callers print it as JSON
     from fovea.compress._report import write_report
 
     result["report"] = str(write_report(out / "report.html", result, cams))
@@ -478,7 +419,7 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def parity(base: Model, onnx_model: Predictor, images: torch.Tensor) -> dict[str, Any]:
+def parity(base: TorchModel, onnx_model: Network, images: torch.Tensor) -> dict[str, Any]:
     """ONNX Runtime against PyTorch on the same images: max |logit difference|, same argmax."""
     prepared = base.prepare(images)
     a, b = base.forward(prepared), onnx_model.forward(prepared)
@@ -487,7 +428,7 @@ def parity(base: Model, onnx_model: Predictor, images: torch.Tensor) -> dict[str
 
 
 def _gpu_rows(run: Path, out: Path, methods: Sequence[str], images: torch.Tensor, labels: np.ndarray,
-              base_pred: np.ndarray) -> list[tuple[Row, Predictor]]:
+              base_pred: np.ndarray) -> list[tuple[Row, Network]]:
     """fp32, fp16 and bf16 on the GPU when there is one (each computed natively in its dtype)."""
     if not torch.cuda.is_available():
         return []

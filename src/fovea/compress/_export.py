@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from fovea.artifact import FORMAT, META, WEIGHTS, Model, load_single, read_meta
+from fovea.artifact import FORMAT, META, ONNX_FILE, WEIGHTS, read_meta, write_meta
 from fovea.errors import FoveaError
+from fovea.runtime import TorchModel, load_single
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 
@@ -31,8 +32,8 @@ def _triton_config(name: str, image_size: int, n_classes: int) -> str:
 
 def export(run: str | Path, format: str, out: str | Path | None = None) -> dict[str, Any]:
     """Write the model of ``run`` as ``format`` into ``out`` (default RUN/export-FORMAT); returns what was written."""
-    from fovea.compress._compress import _meta_for, _write_meta, parity
-    from fovea.compress._onnx import ONNX_FILE, Normalized, export_onnx
+    from fovea.compress._compress import meta_for, parity
+    from fovea.compress._onnx import Normalized, export_onnx
 
     if format not in FORMATS:
         raise FoveaError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -51,12 +52,12 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> dict[
         shutil.copy2(run / ONNX_FILE, out / ONNX_FILE)  # already ONNX (e.g. ONNX Runtime int8): as it is
         shutil.copy2(run / META, out / META)
         info["file"] = str(out / ONNX_FILE)
-    elif not isinstance(model, Model):
+    elif not isinstance(model, TorchModel):
         raise FoveaError(f"{run} runs in {meta['compression']['runtime']}, not PyTorch; export the run it was "
                          "compressed from, or use its own file")
     elif format == "onnx":
         export_onnx(model.net, model.mean, model.std, model.image_size, out / ONNX_FILE)
-        _write_meta(out, _meta_for(model.meta, "onnx", "onnxruntime", {"exported_from": str(run)}))
+        write_meta(out, meta_for(model.meta, "onnx", "onnxruntime", {"exported_from": str(run)}))
         exported = load_single(out, "cpu")
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (16, 3, model.image_size, model.image_size), generator=g, dtype=torch.uint8)
@@ -87,8 +88,7 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> dict[
         header = {"format": FORMAT, "architecture": json.dumps(meta["architecture"]),
                   "classes": json.dumps(model.classes), "preprocessing": json.dumps(meta["preprocessing"])}
         save_file(state, str(out / WEIGHTS), metadata=header)
-        plain = {k: v for k, v in meta.items() if k != "compression"}
-        (out / META).write_text(json.dumps(plain, indent=2, default=str))
+        write_meta(out, {k: v for k, v in meta.items() if k != "compression"})
         info["file"] = str(out / WEIGHTS)
     info["size_bytes"] = Path(info["file"]).stat().st_size
     return info

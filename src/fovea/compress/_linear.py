@@ -12,7 +12,8 @@ The asymmetric range is widened to contain 0 (as PyTorch's observers do), so a z
 and the zero point always fits in int8; for trained conv weights, whose channels hold both signs, this changes
 nothing. Symmetric leaves -128 unused so that +-max map to +-127 alike.
 
-Stored as int8 codes + float32 scale (+ int8 zero point) per channel, and dequantized to float32 when loaded:
+Stored as int8 codes + float32 scale (+ int8 zero point) per channel in the format of ``fovea.runtime.int8``,
+which dequantizes them to float32 when the artifact loads:
 the network then computes in float32 exactly as before. The point is size (4x smaller weights on disk and over
 the network), not speed. Only weights with at least 2 dimensions are quantized (convs, linears, embeddings);
 biases and BatchNorm's parameters are few and sensitive, and stay float32.
@@ -28,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fovea.runtime.int8 import CODES, SCALE, ZERO, dequantize_per_channel
+
 SCHEMES = ("symmetric", "asymmetric")
-# Keys in the safetensors file of an int8-weights artifact: NAME is the fp32 weight it replaces.
-CODES, SCALE, ZERO = "{}.__int8__", "{}.__scale__", "{}.__zero_point__"
 
 
 @dataclass
@@ -67,12 +68,6 @@ def quantize_per_channel(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, to
     return q.clamp(q_min, q_max).to(torch.int8).reshape(w.shape), scale, zero.to(torch.int8)
 
 
-def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """float32 weights (q - zero_point) * scale, per channel on axis 0."""
-    shape = (-1,) + (1,) * (q.ndim - 1)
-    return (q.float() - zero.float().view(shape)) * scale.float().view(shape)
-
-
 def layer_error(name: str, w: torch.Tensor, w_hat: torch.Tensor) -> LayerError:
     w, err = w.detach().float(), (w.detach().float() - w_hat)
     noise = float(err.pow(2).sum())
@@ -98,17 +93,3 @@ def quantize_state(state: dict[str, torch.Tensor], scheme: str) -> tuple[dict[st
             out[ZERO.format(name)] = zero.contiguous()
         errors.append(layer_error(name, t.cpu(), dequantize_per_channel(q, scale, zero)))
     return out, errors
-
-
-def dequantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``quantize_state``: float32 weights for every int8 tensor, the rest unchanged."""
-    suffix = CODES.format("")
-    out = {}
-    for key, t in state.items():
-        if key.endswith(suffix):
-            name = key[: -len(suffix)]
-            zero = state.get(ZERO.format(name), torch.zeros(len(t), dtype=torch.int8))
-            out[name] = dequantize_per_channel(t, state[SCALE.format(name)], zero)
-        elif not (key.endswith(SCALE.format("")) or key.endswith(ZERO.format(""))):
-            out[key] = t
-    return out

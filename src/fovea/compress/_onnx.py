@@ -1,4 +1,4 @@
-"""ONNX export, ONNX Runtime static int8 quantization, and the ONNX Runtime model artifact.
+"""ONNX export and ONNX Runtime static int8 quantization (``fovea.runtime.onnx`` loads what they write).
 
 The exported graph takes what Fovea's decoder gives, uint8 images (N, 3, S, S) at the model's size, and
 normalizes them itself, so a Triton or ONNX Runtime user needs no Fovea code: decode, resize the shorter
@@ -8,11 +8,8 @@ are not in the graph; model.json lists them and Fovea's loader applies them.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fovea.artifact import Predictor
 from fovea.errors import FoveaError
+from fovea.runtime.onnx import INPUT, OUTPUT, quiet
 
 log = logging.getLogger("fovea.compress")
-
-INPUT, OUTPUT = "images", "logits"
-ONNX_FILE = "model.onnx"
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 # Histogram settings per calibration (ONNX Runtime's names); MinMax needs none.
 CALIBRATION_OPTIONS: dict[str, dict[str, Any]] = {
@@ -52,19 +46,6 @@ class Normalized(nn.Module):
         return self.net(images.float() * self.scale - self.shift)
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporter and the quantizer print progress and warnings meant for their developers."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        level = logging.getLogger("torch.onnx").level
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            logging.getLogger("torch.onnx").setLevel(level)
-
-
 def export_onnx(net: nn.Module, mean: Sequence[float], std: Sequence[float], image_size: int, path: Path) -> Path:
     """Write ``path`` (one self-contained file, weights inside) with a dynamic batch dimension.
 
@@ -74,40 +55,13 @@ def export_onnx(net: nn.Module, mean: Sequence[float], std: Sequence[float], ima
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             torch.onnx.export(wrapped, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
                               dynamic_shapes={"images": {0: batch}}, dynamo=True, external_data=False,
                               optimize=True, verbose=False)
     except Exception as e:  # the exporter raises many types; the user needs to know which layer failed
         raise FoveaError(f"ONNX export failed: {str(e).splitlines()[0][:400]}") from e
     return path
-
-
-def session(path: str | Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # No spin-waiting: ONNX Runtime's threads otherwise spin after each run, and with several sessions in one
-    # process (compress's table; a server holding production and candidate) the idle ones steal the cores.
-    # Measured on 2 cores, 4 sessions, pets cnn int8: 4,000 -> 2,550 images/s once all had run with
-    # spinning; 3,600-3,800 steady without. Costs one image's latency 0.31 -> 0.44 ms for a lone session.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
-        providers.insert(0, "CUDAExecutionProvider")
-    try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as e:  # onnxruntime's own exception types (Fail, InvalidGraph, ...) are not importable
-        raise FoveaError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
-
-
-def run_session(sess: Any, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    x = images.cpu().numpy()
-    out = [sess.run([OUTPUT], {INPUT: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-    return torch.from_numpy(np.concatenate(out).astype(np.float32, copy=False))
 
 
 class _Reader:
@@ -152,7 +106,7 @@ def quantize_ort(fp32: Path, out: Path, calibration: torch.Tensor, method: str, 
     pre = work / "preprocessed.onnx"
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
              "entropy": CalibrationMethod.Entropy}[method]
-    with _quiet():
+    with quiet():
         if not pre.exists():
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         # The calibrator is built here rather than inside quantize_static, which cannot pass it a histogram
@@ -175,20 +129,3 @@ def quantize_ort(fp32: Path, out: Path, calibration: torch.Tensor, method: str, 
             "weights": "int8 per channel", "activations": "uint8 per tensor",
             "batchnorm_before": before.get("BatchNormalization", 0), "batchnorm_after": after.get("BatchNormalization", 0),
             "quantized_nodes": after.get("QuantizeLinear", 0)}
-
-
-class OnnxModel(Predictor):
-    """An ONNX artifact (model.onnx + model.json) run by ONNX Runtime, with ``Model``'s interface."""
-
-    def __init__(self, path: str | Path, device: str = "auto") -> None:
-        super().__init__(path, device)
-        file = self.path / ONNX_FILE
-        if not file.exists():
-            raise FoveaError(f"{self.path} says its runtime is ONNX Runtime but has no {ONNX_FILE}")
-        self.session = session(file)
-        inputs = [i.name for i in self.session.get_inputs()]
-        if inputs != [INPUT]:
-            raise FoveaError(f"{file} takes inputs {inputs}; a Fovea ONNX model takes one, {INPUT!r}")
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return run_session(self.session, images)

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fovea.compress._onnx import INPUT, OUTPUT, session
 from fovea.errors import FoveaError
+from fovea.runtime.onnx import INPUT, OUTPUT, session
 
 if TYPE_CHECKING:
     import onnx

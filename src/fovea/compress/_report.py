@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fovea.evaluation import REPORT_CSS as CSS
-from fovea.evaluation import table_html as _table
+from fovea._html import CSS, table_html
 
 if TYPE_CHECKING:
-    from fovea.compress._compress import _GradCam
+    from fovea.compress._gradcam import GradCamCheck
 
 
 def _num(v: Any, fmt: str) -> str:
@@ -49,7 +48,7 @@ HEADER = ["method", "size (bytes)", "top-1 % [95 % CI]", "agrees with fp32 %", "
           "images/s (batch 32)", "Grad-CAM rho", "verdict"]
 
 
-def _overlays(cams: _GradCam) -> str:
+def _overlays(cams: GradCamCheck) -> str:
     from PIL import Image
 
     from fovea.explain import overlay
@@ -71,8 +70,8 @@ def _overlays(cams: _GradCam) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def write_report(path: Path, result: dict[str, Any], cams: _GradCam | None) -> Path:
-    from fovea.compress._compress import GRADCAM_FLAG
+def write_report(path: Path, result: dict[str, Any], cams: GradCamCheck | None) -> Path:
+    from fovea.compress._gradcam import GRADCAM_FLAG
 
     parts = [f"<!doctype html><meta charset='utf-8'><title>Compression of {html.escape(Path(result['run']).name)}"
              f"</title><style>{CSS}</style>", f"<h1>Compression of {html.escape(result['run'])}</h1>",
@@ -83,7 +82,7 @@ def write_report(path: Path, result: dict[str, Any], cams: _GradCam | None) -> P
     if not hw["native_int8"]:
         parts.append("<p class='warn'>This CPU has no VNNI or AMX int8 instructions: int8 inference is not expected "
                      "to be faster than float32 here, whatever the file size.</p>")
-    parts.append("<h2>Every method</h2>" + _table(table_rows(result), HEADER))
+    parts.append("<h2>Every method</h2>" + table_html(table_rows(result), HEADER))
     parts.append("<p>Latency: one image, median and 95th percentile; throughput: batches of 32; both the network "
                  "alone (normalization included, no test-time augmentation), after warm-up. Accuracy: the model's "
                  "full prediction path (with its recorded TTA), Wilson 95 % interval. Size: the model file.</p>")
@@ -94,13 +93,13 @@ def write_report(path: Path, result: dict[str, Any], cams: _GradCam | None) -> P
             parts.append(f"<h2>{html.escape(r['method'])}: quantization error per layer</h2>"
                          f"<p>Median SQNR {_num(d.get('median_sqnr_db'), '.1f')} dB over {len(layers)} weight tensors; "
                          f"the largest error is in <code>{html.escape(layers[0]['name'])}</code>. Lowest first:</p>"
-                         + _table([[e["name"], "×".join(map(str, e["shape"])), _num(e["sqnr_db"], ".1f"),
+                         + table_html([[e["name"], "×".join(map(str, e["shape"])), _num(e["sqnr_db"], ".1f"),
                                     _num(e["mean_abs_error"], ".2e"), _num(e["max_abs_error"], ".2e")]
                                    for e in layers[:12]],
                                   ["weight", "shape", "SQNR dB", "mean |error|", "max |error|"]))
     calib = [r for r in result["rows"] if r["method"].startswith("ort-int8-") and r["device"] == "cpu"]
     if calib:
-        parts.append("<h2>ONNX Runtime int8: calibrations compared</h2>" + _table(
+        parts.append("<h2>ONNX Runtime int8: calibrations compared</h2>" + table_html(
             [[r["method"].removeprefix("ort-int8-"), _num(r["accuracy"] * 100, ".1f"), _num(r["agreement"] * 100, ".1f"),
               f"{(r.get('details') or {}).get('batchnorm_modules', '—')} in PyTorch → "
               f"{(r.get('details') or {}).get('batchnorm_after', '—')} in the int8 graph",

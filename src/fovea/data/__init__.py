@@ -7,23 +7,26 @@ from fovea.data._layout import Dataset, Sample, discover, eval_samples, kfold, w
 
 if TYPE_CHECKING:
     from fovea.data._cache import ImageSet, load_images
-    from fovea.data._loader import AUGMENTATIONS, Batches, augment, normalize
+    from fovea.data._check import check
+    from fovea.data._loader import AUGMENTATIONS, Batches, augment, norm_coefficients, normalize
 
 # The cache and the batches need torch (2-3 s to import); reading images and finding data sets do not, so
 # commands such as `fovea ops` and `fovea check` start without it.
 _NEEDS_TORCH = {"ImageSet": "_cache", "load_images": "_cache", "AUGMENTATIONS": "_loader", "Batches": "_loader",
-                "augment": "_loader", "normalize": "_loader"}
+                "augment": "_loader", "normalize": "_loader", "norm_coefficients": "_loader"}
+_LAZY = {**_NEEDS_TORCH, "check": "_check"}  # fovea check: perceptual hashes, only when checking
 
 
 def __getattr__(name: str) -> Any:
-    if name in _NEEDS_TORCH:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"fovea.data.{_NEEDS_TORCH[name]}"), name)
+        return getattr(importlib.import_module(f"fovea.data.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'fovea.data' has no attribute {name!r}")
 
 
 __all__ = [
-    "AUGMENTATIONS", "IMAGE_EXTENSIONS", "Batches", "Dataset", "ImageSet", "Sample", "augment", "discover", "eval_samples",
-    "kfold", "load_images", "load_square", "normalize", "read_image", "with_groups",
+    "AUGMENTATIONS", "IMAGE_EXTENSIONS", "Batches", "Dataset", "ImageSet", "Sample", "augment", "check", "discover",
+    "eval_samples",
+    "kfold", "load_images", "load_square", "norm_coefficients", "normalize", "read_image", "with_groups",
 ]

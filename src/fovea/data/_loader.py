@@ -17,7 +17,9 @@ AUGMENTATIONS = ("none", "flip", "light", "standard", "strong")
 # strong = standard + rotation + per-image colour jitter + random erasing (+ mixup/cutmix, in the training step).
 
 
-def _affine_norm(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_coefficients(mean: tuple[float, ...], std: tuple[float, ...],
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) such that ``x * scale - shift`` is (x / 255 - mean) / std, on ``device``."""
     m, s = torch.tensor(mean), torch.tensor(std)
     scale = (1.0 / (255.0 * s)).view(1, -1, 1, 1)
     shift = (m / s).view(1, -1, 1, 1)
@@ -25,13 +27,13 @@ def _affine_norm(mean: tuple[float, ...], std: tuple[float, ...], device: torch.
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
-              _coef: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              coef: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float32 (x / 255 - mean) / std, as one multiply and one subtract.
 
-    ``_coef`` (from ``_affine_norm``) lets a caller keep the constants on the device: building them per
+    ``coef`` (from ``norm_coefficients``) lets a caller keep the constants on the device: building them per
     batch is a host-to-device copy, which stalls the GPU queue every step.
     """
-    scale, shift = _coef if _coef is not None else _affine_norm(mean, std, x.device)
+    scale, shift = coef if coef is not None else norm_coefficients(mean, std, x.device)
     return x.float().mul_(scale).sub_(shift)
 
 
@@ -162,7 +164,7 @@ class Batches:
         self.batch_size = batch_size
         self.device = device
         self.mean, self.std = mean, std
-        self._coef = _affine_norm(mean, std, device)
+        self._coef = norm_coefficients(mean, std, device)
         self._norm = (torch.tensor(mean, device=device).view(1, -1, 1, 1), torch.tensor(std, device=device).view(1, -1, 1, 1))
         self.policy = augment
         self.shuffle, self.drop_last = shuffle, drop_last

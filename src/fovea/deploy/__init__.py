@@ -1,5 +1,6 @@
 """Roll-outs: shadow, canary and blue-green deployments of a registered model, judged and rolled back."""
 
+from fovea._duration import parse_duration
 from fovea.deploy._deploy import (
     STRATEGIES,
     Thresholds,
@@ -10,7 +11,7 @@ from fovea.deploy._deploy import (
     deployments,
     figures_now,
     judge,
-    parse_duration,
+    overview,
     production,
     promote,
     refresh,
@@ -21,5 +22,5 @@ from fovea.deploy._deploy import (
     takes_turn,
 )
 
-__all__ = ["STRATEGIES", "Thresholds", "View", "abort", "active", "advance", "deployments", "figures_now", "judge", "parse_duration",
+__all__ = ["STRATEGIES", "Thresholds", "View", "abort", "active", "advance", "deployments", "figures_now", "judge", "overview", "parse_duration",
            "production", "promote", "refresh", "rollback", "start", "stats", "sticky_bucket", "takes_turn"]

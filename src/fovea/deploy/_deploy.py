@@ -21,16 +21,15 @@ others see the result.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select, update
 
-from fovea import registry
+from fovea import model_registry
 from fovea.errors import FoveaError
-from fovea.store import Alias, Deployment, DeploymentEvent, Prediction, Store
+from fovea.store import Alias, Deployment, DeploymentEvent, PredictionRecord, Store
 
 STRATEGIES = ("shadow", "canary", "blue-green")
 DEFAULT_STEPS = (10.0, 25.0, 50.0, 100.0)
@@ -42,16 +41,6 @@ def now() -> datetime:
 
 def _utc(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)  # SQLite hands back naive datetimes
-
-
-def parse_duration(text: str | float) -> float:
-    """Seconds from ``90``, ``90s``, ``10m``, ``1.5h``."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
-    if not m:
-        raise FoveaError(f"not a duration: {text!r}; write 30s, 10m or 1h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 @dataclass
@@ -94,8 +83,8 @@ class View:
     name: str
     strategy: str
     state: str  # running | promoted | rolled_back | stopped
-    production: registry.Version
-    candidate: registry.Version | None
+    production: model_registry.Version
+    candidate: model_registry.Version | None
     percent: float
     steps: list[float]
     step: int
@@ -116,7 +105,7 @@ class View:
 
 
 def _view(store: Store, row: Deployment, events: bool = False) -> View:
-    versions = {v.id: v for v in registry.versions(row.name, store=store)}
+    versions = {v.id: v for v in model_registry.versions(row.name, store=store)}
     ev: list[dict[str, Any]] = []
     if events:
         with store.session() as s:
@@ -134,10 +123,10 @@ def _event(s: Any, deployment_id: int, kind: str, message: str, stats: dict[str,
     s.add(DeploymentEvent(deployment_id=deployment_id, kind=kind, message=message, stats=stats or {}))
 
 
-def production(name: str, store: Store) -> registry.Version:
+def production(name: str, store: Store) -> model_registry.Version:
     """The version behind ``NAME:production``."""
     try:
-        return registry.resolve(f"{name}:production", store=store)
+        return model_registry.resolve(f"{name}:production", store=store)
     except FoveaError:
         raise FoveaError(f"{name} has no production version yet; point the alias at one: "
                          f"fovea registry alias {name}:VERSION production") from None
@@ -170,8 +159,8 @@ def start(ref: str, strategy: str, *, percent: float | None = None, steps: list[
         raise FoveaError(f"name the version to roll out: {ref}:VERSION (see fovea registry list {ref})")
     if thresholds is not None and not isinstance(thresholds, dict):
         raise FoveaError(f"thresholds must be an object of name: number, got {thresholds!r}")
-    candidate = registry.resolve(ref, store=store)
-    registry.verify(candidate)  # files gone or changed: refuse now, not in every replica's controller later
+    candidate = model_registry.resolve(ref, store=store)
+    model_registry.verify(candidate)  # files gone or changed: refuse now, not in every replica's controller later
     current = production(candidate.name, store)
     if candidate.id == current.id:
         raise FoveaError(f"{candidate.ref} is already {candidate.name}'s production version")
@@ -233,10 +222,10 @@ def stats(d: View, store: Store, since: datetime | None = None) -> dict[str, Any
     if d.candidate is None:
         return {}
     with store.session() as s:
-        q = select(Prediction.request_id, Prediction.fingerprint, Prediction.model_version, Prediction.label,
-                   Prediction.confidence, Prediction.latency_ms, Prediction.error).where(Prediction.deployment_id == d.id)
+        q = select(PredictionRecord.request_id, PredictionRecord.fingerprint, PredictionRecord.model_version, PredictionRecord.label,
+                   PredictionRecord.confidence, PredictionRecord.latency_ms, PredictionRecord.error).where(PredictionRecord.deployment_id == d.id)
         if since is not None:
-            q = q.where(Prediction.created >= since)
+            q = q.where(PredictionRecord.created >= since)
         rows = s.execute(q).all()
     cand = [r for r in rows if r.model_version == d.candidate.version]
     prod = [r for r in rows if r.model_version == d.production.version]
@@ -252,6 +241,19 @@ def figures_now(d: View, store: Store) -> dict[str, Any] | None:
     if d.state != "running":
         return None
     return stats(d, store, since=d.step_started if d.strategy == "canary" else None)
+
+
+def overview(name: str | None = None, *, store: Store | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Deployments newest first as JSON-ready dicts, a running one's live figures under "figures" (what the
+    CLI's table, the admin route and the web app's page show)."""
+    store = store or Store()
+    out = []
+    for d in deployments(name, store=store, limit=limit):
+        row = d.to_dict()
+        if d.state == "running":
+            row["figures"] = figures_now(d, store)
+        out.append(row)
+    return out
 
 
 def judge(figures: dict[str, Any], limits: Thresholds) -> str | None:
@@ -283,7 +285,7 @@ def _updated(s: Any, statement: Any) -> int:
 
 
 def _finish(store: Store, d: View, state: str, reason: str, figures: dict[str, Any] | None = None,
-            set_production: registry.Version | None = None) -> bool:
+            set_production: model_registry.Version | None = None) -> bool:
     """Move a running deployment to ``state`` unless another replica already moved it; True if this call did."""
     with store.session() as s:
         done = _updated(s, update(Deployment).where(Deployment.id == d.id, Deployment.state == "running",
@@ -297,7 +299,7 @@ def _finish(store: Store, d: View, state: str, reason: str, figures: dict[str, A
     return True
 
 
-def _point_production(s: Any, name: str, version: registry.Version) -> None:
+def _point_production(s: Any, name: str, version: model_registry.Version) -> None:
     row = s.scalar(select(Alias).where(Alias.name == name, Alias.alias == "production"))
     if row is None:
         s.add(Alias(name=name, alias="production", version_id=version.id))

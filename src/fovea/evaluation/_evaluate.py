@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fovea.artifact import load
 from fovea.data import eval_samples, load_images
 from fovea.errors import FoveaError
 from fovea.evaluation._diagnosis import diagnose
 from fovea.evaluation._metrics import classification_metrics
 from fovea.evaluation._report import write_report
+from fovea.runtime import load
 
 
 def evaluate(run: str | Path, data: str | Path, *, device: str = "auto", report: str | Path | None = None,

@@ -9,14 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+from fovea._html import CSS, figure_html, format_cell, table_html
 
 
 def learning_curves(history: list[dict[str, Any]]) -> str:
@@ -33,7 +26,7 @@ def learning_curves(history: list[dict[str, Any]]) -> str:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
-    return _png(fig)
+    return figure_html(fig)
 
 
 def confusion_plot(cm: list[list[int]], classes: list[str]) -> str:
@@ -50,7 +43,7 @@ def confusion_plot(cm: list[list[int]], classes: list[str]) -> str:
     for i in range(n):
         for j in range(n):
             ax.text(j, i, str(m[i, j]), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
-    return _png(fig)
+    return figure_html(fig)
 
 
 def roc_plot(curves: dict[str, dict[str, list[float]]]) -> str:
@@ -63,25 +56,7 @@ def roc_plot(curves: dict[str, dict[str, list[float]]]) -> str:
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one vs rest)")
     ax.legend()
     ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def _table(rows: list[list[Any]], header: list[str]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{th}</tr>{body}</table>"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return "—" if v is None else str(v)
-
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-th{background:#f3f3f3}h2{margin-top:1.6em;border-bottom:1px solid #ddd}img{max-width:100%}
-pre{background:#f7f7f7;padding:.8em;overflow:auto}.warn{color:#a40}"""
+    return figure_html(fig)
 
 
 def _diagnosis_html(d: dict[str, Any]) -> str:
@@ -91,7 +66,7 @@ def _diagnosis_html(d: dict[str, Any]) -> str:
             ["avoidable bias = training - human", f"{d['avoidable_bias']:.1%}"],
             ["variance = validation - training", f"{d['variance']:.1%}"]]
     steps = "".join(f"<li>{html.escape(s)}</li>" for s in d["next_steps"])
-    return (f"<h2>Diagnosis: {html.escape(d['verdict'])}</h2>" + _table(rows, ["", ""])
+    return (f"<h2>Diagnosis: {html.escape(d['verdict'])}</h2>" + table_html(rows, ["", ""])
             + f"<p>{html.escape(d['why'])}.</p><p>Next steps:</p><ul>{steps}</ul>")
 
 
@@ -101,10 +76,10 @@ def _transfer_html(t: dict[str, Any]) -> str:
     if auto:
         parts.append(f"<p><b>--mode auto</b> chose <b>{html.escape(str(t['mode']))}</b>: {html.escape(auto['why'])}.</p>")
         rows = [[k, v] for k, v in auto.items() if k != "why"]
-        parts.append(_table(rows, ["measured / rule", "value"]))
+        parts.append(table_html(rows, ["measured / rule", "value"]))
     rows = [[k, t[k]] for k in ("freeze", "head_epochs", "frozen_parameters", "trainable_parameters", "embedding_dim") if k in t]
     if rows:
-        parts.append(_table(rows, ["setting", "value"]))
+        parts.append(table_html(rows, ["setting", "value"]))
     w = t.get("weights")
     if w:
         parts.append("<h3>Weights</h3><pre>" + html.escape(json.dumps(w, indent=2, default=str)) + "</pre>")
@@ -157,7 +132,7 @@ def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, m
              f"<h1>{html.escape(title)}</h1>"]
     keys = ["accuracy", "accuracy_95ci", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "n_images", "skipped",
             "n_train", "n_val", "best_epoch", "epochs_run", "train_seconds"]
-    parts.append("<h2>Summary</h2>" + _table([[k, metrics[k]] for k in keys if k in metrics], ["metric", "value"]))
+    parts.append("<h2>Summary</h2>" + table_html([[k, metrics[k]] for k in keys if k in metrics], ["metric", "value"]))
     if "best_epoch" in metrics:
         parts.append("<p class='note'>The best epoch was picked on this validation set, so its figures lean "
                      "slightly optimistic; a test split the run never saw (<code>fovea evaluate RUN DATA/test</code>) "
@@ -173,16 +148,16 @@ def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, m
         parts.append("<h2>Confusion matrix</h2>" + confusion_plot(metrics["confusion_matrix"], classes))
     if metrics.get("per_class"):
         rows = [[c, v["precision"], v["recall"], v["f1"], v["support"]] for c, v in metrics["per_class"].items()]
-        parts.append("<h2>Per class</h2>" + _table(rows, ["class", "precision", "recall", "F1", "support"]))
+        parts.append("<h2>Per class</h2>" + table_html(rows, ["class", "precision", "recall", "F1", "support"]))
     if metrics.get("roc_curves"):
-        parts.append(f"<h2>ROC curves</h2><p>ROC-AUC: {_fmt(metrics.get('roc_auc'))}</p>" + roc_plot(metrics["roc_curves"]))
+        parts.append(f"<h2>ROC curves</h2><p>ROC-AUC: {format_cell(metrics.get('roc_auc'))}</p>" + roc_plot(metrics["roc_curves"]))
     if explanations is not None:
         parts.append(_looks_at_html(explanations))
     q = quarantined or []
     parts.append(f"<h2>Files not used ({len(q)})</h2>")
     if q:
         parts.append("<p class='warn'>These files could not be decoded and were left out:</p>"
-                     + _table([[x.get("split", ""), x["path"], x["reason"]] for x in q], ["split", "file", "reason"]))
+                     + table_html([[x.get("split", ""), x["path"], x["reason"]] for x in q], ["split", "file", "reason"]))
     else:
         parts.append("<p>Every file was used.</p>")
     if meta:

@@ -22,7 +22,7 @@ from torch import nn
 from fovea.errors import FoveaError
 
 if TYPE_CHECKING:
-    from fovea.artifact import Model
+    from fovea.runtime import TorchModel
 
 METHODS = ("gradcam", "gradcam++", "cam", "scorecam", "eigencam", "layercam")
 _LIBRARY = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "scorecam": "ScoreCAM", "eigencam": "EigenCAM",
@@ -225,7 +225,7 @@ def _net_maps(net: nn.Module, images: torch.Tensor, targets: Sequence[int], *, m
     return np.concatenate(out) if out else np.zeros((0, s, s), np.float32)
 
 
-def single_model(model: Any) -> Model:
+def single_model(model: Any) -> TorchModel:
     """The one network of a loaded artifact; an ensemble is several and is refused."""
     if not hasattr(model, "net"):
         members = len(getattr(model, "members", []))
@@ -234,7 +234,7 @@ def single_model(model: Any) -> Model:
     return model  # type: ignore[no-any-return]
 
 
-def explain(model: Model, images: torch.Tensor, *, method: str = "gradcam", target: int | str | None = None,
+def explain(model: TorchModel, images: torch.Tensor, *, method: str = "gradcam", target: int | str | None = None,
             layer: str | None = None, batch_size: int = 32) -> Explanation:
     """Heatmaps for uint8 (N, 3, S, S) images from ``model.load_images``; by default of the predicted class.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,50 @@ def looks_at(net: nn.Module | None, images: torch.Tensor, labels: np.ndarray, pr
         } for i in which]
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+@dataclass
+class Overlays:
+    """``explain_files``' result: one row per image explained, the files it skipped, and what it computed."""
+
+    rows: list[dict[str, Any]]  # path, predicted, probability, explained, file (the overlay PNG)
+    skipped: list[tuple[str, str]]  # (path, reason)
+    layer: str
+    images: torch.Tensor  # the decoded images (N, 3, S, S), for a sanity check on the same ones
+
+
+def explain_files(model: Any, files: Sequence[Path], out: Path, *, method: str = "gradcam", target: str | None = None,
+                  layer: str | None = None, batch_size: int = 32) -> Overlays:
+    """Explain image files with ``model`` (one network) and write an overlay PNG per image into ``out``.
+
+    Overlays lie on the square the model saw, decoded again at 224 px or more so that they are readable; two files
+    of one name get -1, -2, ... rather than overwrite each other.
+    """
+    from PIL import Image
+
+    from fovea.explain._cam import METHODS, explain, single_model
+
+    if method not in METHODS:
+        raise FoveaError(f"unknown --method {method!r}; choose one of: {', '.join(METHODS)}")
+    model = single_model(model)
+    x, kept, bad = model.load_images(files)
+    if not kept:
+        why = "; ".join(f"{files[i]}: {r}" for i, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        raise FoveaError(f"none of the {len(files)} files could be read as an image ({why})")
+    e = explain(model, x, method=method, target=target, layer=layer, batch_size=batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    size = max(model.image_size, 224)
+    rows: list[dict[str, Any]] = []
+    names: set[str] = set()
+    for j, i in enumerate(kept):
+        name = f"{files[i].stem}.{method}.png"
+        for k in range(1, len(kept) + 1):
+            if name not in names:
+                break
+            name = f"{files[i].stem}-{k}.{method}.png"
+        names.add(name)
+        Image.fromarray(overlay(display_image(files[i], x[j], size), e.maps[j])).save(out / name)
+        c = int(e.predicted[j])
+        rows.append({"path": str(files[i]), "predicted": model.classes[c], "probability": float(e.probabilities[j, c]),
+                     "explained": model.classes[e.targets[j]], "file": str(out / name)})
+    return Overlays(rows, [(str(files[i]), r) for i, r in bad], e.layer, x)

@@ -40,7 +40,7 @@ from fovea.errors import FoveaError
 from fovea.explain._cam import METHODS, _targets, cam_maps, resolve_layer, single_model
 
 if TYPE_CHECKING:
-    from fovea.artifact import Model
+    from fovea.runtime import TorchModel
 
 # (network, normalised batch (B, 3, S, S) on its device, classes to explain) -> maps (B, H, W)
 Explainer = Callable[[nn.Module, torch.Tensor, Sequence[int]], np.ndarray]
@@ -161,7 +161,7 @@ def _maps(explainer: Explainer, net: nn.Module, batches: list[torch.Tensor], tar
     return np.concatenate([np.asarray(explainer(net, x, t), np.float32) for x, t in zip(batches, targets)])
 
 
-def sanity_check(model: Model, images: torch.Tensor, method: str | Explainer = "gradcam", *,
+def sanity_check(model: TorchModel, images: torch.Tensor, method: str | Explainer = "gradcam", *,
                  target: int | str | None = None, layer: str | None = None, threshold: float = 0.5,
                  max_steps: int = 16, seed: int = 0, batch_size: int = 32) -> SanityResult:
     """Cascading randomization: does the explanation change when the model's weights are destroyed?

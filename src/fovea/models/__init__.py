@@ -1,7 +1,7 @@
 """Architectures: Fovea's own (mlp, cnn), every timm model by name, torchvision's alexnet and googlenet."""
 
 from fovea.models import _small  # noqa: F401 - registers mlp and cnn
-from fovea.models._registry import (
+from fovea.models._architectures import (
     check_input_size,
     create_model,
     default_config,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fovea.models._registry import register_model
+from fovea.models._architectures import register_model
 
 
 class MLP(nn.Module):

@@ -92,6 +92,23 @@ class Summary:
                 top.flops += layer.flops
         return list(shown.values())
 
+    notes = NOTES  # what a row's counts mean: a table of them should say so
+
+    def cells(self, depth: int | None = None) -> list[list[str]]:
+        """The layer table as text, one row per layer down to ``depth``: name (indented), type, output shape,
+        parameters, FLOPs."""
+        rows = []
+        for layer in self.at_depth(depth):
+            name = "(model)" if layer.name == ROOT else "  " * (layer.depth - 1) + layer.name
+            if layer.calls > 1:
+                name += f" (x{layer.calls})"
+            rows.append([name, layer.type, _shape_cell(layer.output_shape, layer.calls),
+                         f"{layer.parameters:,}" if layer.parameters else "-", f"{layer.flops:,}" if layer.flops else "-"])
+        return rows
+
+    def footer(self) -> list[str]:
+        return ["total", "", _shape_cell(self.output_shape), f"{self.parameters:,}", f"{self.flops:,}"]
+
     def totals(self) -> dict[str, Any]:
         return {"parameters": self.parameters, "trainable_parameters": self.trainable_parameters,
                 "flops": self.flops, "gflops": self.flops / 1e9, "param_mb": self.param_bytes / 1e6}
@@ -128,7 +145,7 @@ def summarize(
         size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
         return _summarize(model, label=type(model).__name__, source="module", image_size=size, num_classes=None)
     from fovea.artifact import META, read_meta
-    from fovea.models._registry import create_model, default_config, source_of
+    from fovea.models._architectures import create_model, default_config, source_of
 
     path, name = Path(model), str(model)
     if path.is_dir() and (path / META).is_file():
@@ -151,7 +168,10 @@ def summarize(
 
 
 def _summarize_run(path: Path, image_size: int | None, num_classes: int | None) -> Summary:
-    from fovea.artifact import Model, read_meta
+    """A run folder's network, rebuilt from its model.json (shapes, parameters and FLOPs do not depend on the
+    weights' values, so the weights are not read: a compressed artifact is summarised as its architecture)."""
+    from fovea.artifact import read_meta
+    from fovea.models._architectures import create_model
 
     meta = read_meta(path)  # FoveaError: not a Fovea model folder
     members = (meta.get("ensemble") or {}).get("members")
@@ -161,9 +181,10 @@ def _summarize_run(path: Path, image_size: int | None, num_classes: int | None) 
     if num_classes is not None and num_classes != len(meta["classes"]):
         raise FoveaError(f"--num-classes {num_classes}: the run {path} has {len(meta['classes'])} classes; "
                          "--num-classes is for architecture names")
-    loaded = Model(path, device="cpu")
-    return _summarize(loaded.net, label=f"{path} ({meta['architecture']['name']})", source="run",
-                      image_size=image_size or loaded.image_size, num_classes=len(loaded.classes))
+    arch, size = meta["architecture"], int(meta["preprocessing"]["image_size"])
+    net = create_model(arch["name"], len(meta["classes"]), image_size=size, **arch.get("kwargs", {}))
+    return _summarize(net, label=f"{path} ({arch['name']})", source="run", image_size=image_size or size,
+                      num_classes=len(meta["classes"]))
 
 
 def _shape(out: Any) -> list[int] | list[list[int]] | None:
@@ -249,26 +270,3 @@ def _shape_cell(shape: Any, calls: int = 1) -> str:
     if shape and isinstance(shape[0], list):
         return ", ".join(str(s) for s in shape)
     return str(shape)
-
-
-def rich_table(summary: Summary, depth: int | None = None) -> Any:
-    """The layer table with a totals footer, for the terminal."""
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
-    title = (f"{escape(summary.model)}: {summary.image_size}x{summary.image_size} px"
-             + (f", {summary.num_classes} classes" if summary.num_classes else ""))
-    t = Table(title=title, caption=NOTES, caption_justify="left", box=box.SIMPLE_HEAD, show_footer=True)
-    t.add_column("layer", footer="total", overflow="fold")
-    t.add_column("type", overflow="fold")
-    t.add_column("output shape", footer=_shape_cell(summary.output_shape), no_wrap=True)
-    t.add_column("params", footer=f"{summary.parameters:,}", justify="right", no_wrap=True)
-    t.add_column("FLOPs", footer=f"{summary.flops:,}", justify="right", no_wrap=True)
-    for layer in summary.at_depth(depth):
-        name = "(model)" if layer.name == ROOT else "  " * (layer.depth - 1) + layer.name
-        if layer.calls > 1:
-            name += f" (x{layer.calls})"
-        t.add_row(escape(name), escape(layer.type), _shape_cell(layer.output_shape, layer.calls),
-                  f"{layer.parameters:,}" if layer.parameters else "-", f"{layer.flops:,}" if layer.flops else "-")
-    return t

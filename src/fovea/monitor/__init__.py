@@ -1,22 +1,28 @@
 """Monitoring a deployed model: data drift (embeddings, image statistics, labels, confidence) against the
-reference saved at training time, and concept drift once feedback brings the true labels."""
+reference saved at training time, and concept drift once feedback brings the true labels.
 
+``run_drift`` is ``fovea drift`` as a function; ``check_drift`` tests one window against a reference;
+``detect`` is the statistics alone.
+"""
+
+from fovea.artifact import REFERENCE
 from fovea.monitor._concept import ConceptResult, concept_drift, expected_calibration_error
 from fovea.monitor._drift import FAMILIES, DriftResult, detect, mmd_permutation_test
 from fovea.monitor._reference import (
-    REFERENCE,
-    Sample,
-    build_reference,
-    load_reference,
-    observe,
-    observe_files,
-    save_reference,
+           Observations,
+           build_reference,
+           load_reference,
+           observe,
+           observe_files,
+           save_reference,
 )
 from fovea.monitor._report import write_drift_report
+from fovea.monitor._run import reference_from_folder, run_drift
 from fovea.monitor._stats import STATS, header_size, image_stats
-from fovea.monitor._watch import Check, Window, alert, check, window_from_files, window_from_store
+from fovea.monitor._watch import DriftCheck, Window, alert, check_drift, window_from_files, window_from_store
 
-__all__ = ["FAMILIES", "REFERENCE", "STATS", "Check", "ConceptResult", "DriftResult", "Sample", "Window", "alert",
-           "build_reference", "check", "concept_drift", "detect", "expected_calibration_error", "header_size",
-           "image_stats", "load_reference", "mmd_permutation_test", "observe", "observe_files", "save_reference",
-           "window_from_files", "window_from_store", "write_drift_report"]
+__all__ = ["FAMILIES", "REFERENCE", "STATS", "ConceptResult", "DriftCheck", "DriftResult", "Observations", "Window",
+           "alert", "build_reference", "check_drift", "concept_drift", "detect", "expected_calibration_error",
+           "header_size", "image_stats", "load_reference", "mmd_permutation_test", "observe", "observe_files",
+           "reference_from_folder", "run_drift", "save_reference", "window_from_files", "window_from_store",
+           "write_drift_report"]

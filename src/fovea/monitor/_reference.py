@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fovea.artifact import REFERENCE
 from fovea.errors import FoveaError
 from fovea.monitor._stats import header_size, image_stats
 
-REFERENCE = "reference.npz"
 MAX_REFERENCE = 2000
 
 
 @dataclass
-class Sample:
+class Observations:
     """Images as a model saw them: one row per image (a reference, or a window of traffic)."""
 
     probabilities: np.ndarray  # (N, C)
@@ -43,7 +43,7 @@ class Sample:
         return self.probabilities.max(1)
 
 
-def observe(model: Any, images: torch.Tensor, sizes: Sequence[tuple[int, int]], batch_size: int = 256) -> Sample:
+def observe(model: Any, images: torch.Tensor, sizes: Sequence[tuple[int, int]], batch_size: int = 256) -> Observations:
     """Probabilities, embeddings and statistics of decoded uint8 images (N, 3, S, S) through ``model``."""
     probs, embs = [], []
     for i in range(0, len(images), batch_size):
@@ -56,17 +56,17 @@ def observe(model: Any, images: torch.Tensor, sizes: Sequence[tuple[int, int]], 
         embs.append(e)
     c = len(model.classes)
     emb = None if not embs or any(e is None for e in embs) else np.concatenate(embs).astype(np.float32)
-    return Sample(np.concatenate(probs) if probs else np.zeros((0, c), np.float32), image_stats(images, list(sizes)), emb)
+    return Observations(np.concatenate(probs) if probs else np.zeros((0, c), np.float32), image_stats(images, list(sizes)), emb)
 
 
-def observe_files(model: Any, paths: Sequence[str | Path]) -> tuple[Sample, list[tuple[str, str]]]:
+def observe_files(model: Any, paths: Sequence[str | Path]) -> tuple[Observations, list[tuple[str, str]]]:
     """``observe`` for image files; returns the sample and the files that could not be read."""
     x, kept, bad = model.load_images(paths)
     sample = observe(model, x, [header_size(paths[i]) for i in kept])
     return sample, [(str(paths[i]), r) for i, r in bad]
 
 
-def save_reference(folder: str | Path, sample: Sample) -> Path:
+def save_reference(folder: str | Path, sample: Observations) -> Path:
     path = Path(folder) / REFERENCE
     arrays: dict[str, np.ndarray] = {"probabilities": sample.probabilities, "stats": sample.stats}
     if sample.embeddings is not None:
@@ -77,21 +77,21 @@ def save_reference(folder: str | Path, sample: Sample) -> Path:
     return path
 
 
-def load_reference(folder: str | Path) -> Sample:
+def load_reference(folder: str | Path) -> Observations:
     path = Path(folder) / REFERENCE
     if not path.exists():
         raise FoveaError(f"{folder} has no drift reference ({REFERENCE}); models trained before it existed can get "
                          f"one: fovea drift --model {folder} --build-reference VALIDATION_DIR")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Sample(z["probabilities"], z["stats"], z["embeddings"] if "embeddings" in z else None,
+            return Observations(z["probabilities"], z["stats"], z["embeddings"] if "embeddings" in z else None,
                           z["labels"] if "labels" in z else None)
     except (OSError, ValueError, KeyError) as e:
         raise FoveaError(f"{path} is not a drift reference: {e}") from e
 
 
 def build_reference(model: Any, images: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                    labels: np.ndarray | None = None, seed: int = 0) -> Sample:
+                    labels: np.ndarray | None = None, seed: int = 0) -> Observations:
     """The reference from (up to ``MAX_REFERENCE``, a seeded sample of) validation images."""
     idx = np.arange(len(images))
     if len(idx) > MAX_REFERENCE:

@@ -8,15 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from fovea.evaluation import REPORT_CSS as CSS
-from fovea.evaluation import figure_html as _png
-from fovea.evaluation import table_html as _table
-from fovea.monitor._reference import Sample
+from fovea._html import CSS, figure_html, table_html
+from fovea.monitor._reference import Observations
 from fovea.monitor._stats import STATS
-from fovea.monitor._watch import Check
+from fovea.monitor._watch import DriftCheck
 
 
-def _stat_plots(reference: Sample, window: Sample) -> str:
+def _stat_plots(reference: Observations, window: Observations) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +23,10 @@ def _stat_plots(reference: Sample, window: Sample) -> str:
     fig, axes = plt.subplots(1, len(STATS), figsize=(2.6 * len(STATS), 2.3))
     for j, (ax, name) in enumerate(zip(axes, STATS)):
         a, b = reference.stats[:, j], window.stats[:, j]
-        if not (b > 0).any() and name in ("width", "height", "aspect"):
+        a, b = a[np.isfinite(a)], b[np.isfinite(b)]  # answers logged without statistics have NaN
+        if name in ("width", "height", "aspect"):
+            a, b = a[a > 0], b[b > 0]  # 0: not recorded
+        if not len(a) or not len(b):
             ax.set_title(f"{name}\n(not recorded)", fontsize=9)
             ax.axis("off")
             continue
@@ -36,10 +37,10 @@ def _stat_plots(reference: Sample, window: Sample) -> str:
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
-    return _png(fig)
+    return figure_html(fig)
 
 
-def _embedding_plot(reference: Sample, window: Sample) -> str:
+def _embedding_plot(reference: Observations, window: Observations) -> str:
     import matplotlib.pyplot as plt
 
     if reference.embeddings is None or window.embeddings is None:
@@ -56,10 +57,10 @@ def _embedding_plot(reference: Sample, window: Sample) -> str:
     ax2.hist(reference.confidence, bins, density=True, alpha=0.55, label="reference")
     ax2.hist(window.confidence, bins, density=True, alpha=0.55, label="window")
     ax2.set_title("confidence (top-class probability)", fontsize=9)
-    return _png(fig)
+    return figure_html(fig)
 
 
-def write_drift_report(path: str | Path, result: Check, reference: Sample) -> Path:
+def write_drift_report(path: str | Path, result: DriftCheck, reference: Observations) -> Path:
     d = result.drift
     verdict = (f"<p class='bad'><b>Drift</b>: p = {d.p_value:.3g} &lt; {d.alpha} (flagged: "
                f"{html.escape(', '.join(d.flagged()))})</p>" if d.drift else
@@ -78,15 +79,15 @@ def write_drift_report(path: str | Path, result: Check, reference: Sample) -> Pa
              f"<p>Window: {d.n_window} images ({html.escape(result.window.source)}"
              + (f", {html.escape(result.window.start or '')} to {html.escape(result.window.end or '')}" if result.window.start else "")
              + f"); reference: {d.n_reference} validation images saved at training.</p>", verdict,
-             _table(rows, ["test", "p-value", "statistic", "flagged", "worst feature / note"])]
+             table_html(rows, ["test", "p-value", "statistic", "flagged", "worst feature / note"])]
     label = d.family("label_shift")
     if label:
-        parts.append("<h2>Predicted labels</h2>" + _table(
+        parts.append("<h2>Predicted labels</h2>" + table_html(
             [[c, label.detail["reference"][c], label.detail["window"][c]] for c in label.detail["reference"]],
             ["class", "reference share", "window share"]))
     if result.concept:
         c = result.concept
-        parts.append("<h2>Accuracy from feedback</h2>" + _table(
+        parts.append("<h2>Accuracy from feedback</h2>" + table_html(
             [["accuracy", c.reference_accuracy, c.accuracy], ["expected calibration error", c.reference_ece, c.ece],
              ["images with feedback", "", c.n], ["p (accuracy lower than at validation)", "", c.p_value]],
             ["", "validation", "window"]))

@@ -15,7 +15,7 @@ import numpy as np
 from fovea.errors import FoveaError
 from fovea.monitor._concept import ConceptResult, concept_drift, expected_calibration_error
 from fovea.monitor._drift import DriftResult, detect
-from fovea.monitor._reference import Sample, load_reference, observe_files
+from fovea.monitor._reference import Observations, load_reference, observe_files
 from fovea.monitor._stats import STATS
 
 log = logging.getLogger("fovea.monitor")
@@ -25,14 +25,14 @@ log = logging.getLogger("fovea.monitor")
 class Window:
     """Traffic to test: a sample, where it came from, and (from the store) the true labels people sent."""
 
-    sample: Sample
+    sample: Observations
     source: str
     start: str | None = None
     end: str | None = None
 
 
 @dataclass
-class Check:
+class DriftCheck:
     model: str
     version: int
     window: Window
@@ -69,15 +69,15 @@ def window_from_store(store: Any, name: str, version: int, classes: list[str], *
     given for them."""
     from sqlalchemy import select
 
-    from fovea.store import Feedback, Prediction
+    from fovea.store import Feedback, PredictionRecord
 
-    q = (select(Prediction.request_id, Prediction.fingerprint, Prediction.probabilities, Prediction.embedding,
-                Prediction.image_stats, Prediction.created)
-         .where(Prediction.model_name == name, Prediction.model_version == version, Prediction.role == "served",
-                Prediction.source == "online", Prediction.error.is_(None))
-         .order_by(Prediction.id.desc()))
+    q = (select(PredictionRecord.request_id, PredictionRecord.fingerprint, PredictionRecord.probabilities, PredictionRecord.embedding,
+                PredictionRecord.image_stats, PredictionRecord.created)
+         .where(PredictionRecord.model_name == name, PredictionRecord.model_version == version, PredictionRecord.role == "served",
+                PredictionRecord.source == "online", PredictionRecord.error.is_(None))
+         .order_by(PredictionRecord.id.desc()))
     if since is not None:
-        q = q.where(Prediction.created >= datetime.now(timezone.utc) - since)
+        q = q.where(PredictionRecord.created >= datetime.now(timezone.utc) - since)
     if last is not None:
         q = q.limit(last)
     with store.session() as s:
@@ -87,13 +87,14 @@ def window_from_store(store: Any, name: str, version: int, classes: list[str], *
     if not rows:
         raise FoveaError(f"no online predictions of {name}:{version} in the store for this window")
     probs = np.array([[float(r.probabilities.get(c, 0.0)) for c in classes] for r in rows], np.float32)
-    stats = np.array([r.image_stats if r.image_stats else [0.0] * len(STATS) for r in rows], np.float32)
+    # an answer logged without statistics (an older server) has none: NaN, which the tests leave out, not 0
+    stats = np.array([r.image_stats if r.image_stats else [np.nan] * len(STATS) for r in rows], np.float32)
     emb = None
     if all(r.embedding for r in rows):
         emb = np.stack([np.frombuffer(r.embedding, "<f4") for r in rows])
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index.get(feedback.get(r.request_id, ""), -1) for r in rows], np.int64)
-    return Window(Sample(probs, stats, emb, labels), "store", rows[0].created.isoformat(timespec="seconds"),
+    return Window(Observations(probs, stats, emb, labels), "store", rows[0].created.isoformat(timespec="seconds"),
                   rows[-1].created.isoformat(timespec="seconds"))
 
 
@@ -102,8 +103,8 @@ def window_from_files(model: Any, paths: list[Path]) -> tuple[Window, list[tuple
     return Window(sample, f"{len(paths)} files"), bad
 
 
-def check(model: Any, folder: Path, name: str, version: int, window: Window, *, alpha: float = 0.05,
-          permutations: int = 1000, seed: int = 0, reference: Sample | None = None) -> Check:
+def check_drift(model: Any, folder: Path, name: str, version: int, window: Window, *, alpha: float = 0.05,
+          permutations: int = 1000, seed: int = 0, reference: Observations | None = None) -> DriftCheck:
     """Test ``window`` against the reference saved in the artifact ``folder`` (or ``reference``, already loaded)."""
     reference = reference if reference is not None else load_reference(folder)
     if len(window.sample) < 10:
@@ -122,10 +123,10 @@ def check(model: Any, folder: Path, name: str, version: int, window: Window, *, 
         known = labels >= 0
         correct = window.sample.predicted[known] == labels[known]
         concept = concept_drift(window.sample.confidence[known], correct, ref_acc, ref_ece, alpha)
-    return Check(name, version, window, drift, concept, ref_acc)
+    return DriftCheck(name, version, window, drift, concept, ref_acc)
 
 
-def alert(result: Check, webhook: str | None = None) -> None:
+def alert(result: DriftCheck, webhook: str | None = None) -> None:
     """A log line for every check (a warning when something drifted), and the JSON to ``webhook`` on an alert."""
     (log.warning if result.alert else log.info)("drift check: %s", result.summary())
     if result.alert and webhook:

@@ -13,8 +13,10 @@ they become preprocessing steps recorded in a model artifact.
 
 from fovea.ops._gallery import gallery
 from fovea.ops._ops import KERNELS, apply, find_contours, find_lines, get_op, list_ops
+from fovea.ops._run import OpResult, is_chain, run
 from fovea.ops._steps import Step, parse_steps, preprocess
 
 __all__ = [
-    "KERNELS", "Step", "apply", "find_contours", "find_lines", "gallery", "get_op", "list_ops", "parse_steps", "preprocess",
+    "KERNELS", "OpResult", "Step", "apply", "find_contours", "find_lines", "gallery", "get_op", "is_chain", "list_ops",
+    "parse_steps", "preprocess", "run",
 ]

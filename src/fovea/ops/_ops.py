@@ -7,6 +7,9 @@ never BGR. Operations that work on intensity turn colour input to gray first (IT
 OpenCV's RGB2GRAY); contrast operations on colour work on the L* channel of CIE L*a*b*, so colours keep
 their hue. Parameters are checked before OpenCV sees them, so a bad value is a one-line FoveaError and
 never an OpenCV assertion.
+
+Longer than 500 lines on purpose: it is a catalogue of ~30 operations of a few lines each, registered by a
+decorator, and reads best as one list (as timm keeps one file per architecture family).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from starlette.concurrency import run_in_threadpool
 
-from fovea import deploy, registry
+from fovea import deploy, model_registry
 from fovea.errors import FoveaError
 from fovea.serve._batcher import MicroBatcher
 
@@ -97,15 +97,16 @@ class Fleet:
         served.ready = True
         return served
 
-    async def _load_version(self, v: registry.Version) -> Served:
+    async def _load_version(self, v: model_registry.Version) -> Served:
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self.executor, registry.open_version, v, self.config.device)
+        model = await loop.run_in_executor(self.executor, model_registry.open_version, v, self.config.device)
         log.info("loaded %s and warmed it up", v.ref)
         return await self._start(v.name, v.version, model, v.digest, v.id)
 
     async def open(self, store: Any) -> None:
         """Load what ``config.model`` names: a folder (served as version 0) or a registry reference."""
-        from fovea.artifact import META, load
+        from fovea.artifact import META
+        from fovea.runtime import load
 
         self.store = store
         ref, loop = self.config.model, asyncio.get_running_loop()
@@ -118,12 +119,12 @@ class Fleet:
             raise FoveaError(f"{ref} is not a model folder (no {META}) and not a registry name")
         name, _, which = ref.partition(":")
         self.follows = which in ("", "production")
-        v = await run_in_threadpool(registry.resolve, ref, store=store)
+        v = await run_in_threadpool(model_registry.resolve, ref, store=store)
         self.current = await self._load_version(v)
         if self.follows:
             await self.sync()
 
-    async def _get(self, v: registry.Version) -> Served:
+    async def _get(self, v: model_registry.Version) -> Served:
         for s in (self.current, self.candidate, self.previous):
             if s is not None and s.version_id == v.id:
                 return s
@@ -144,7 +145,7 @@ class Fleet:
 
     # following the store ---------------------------------------------------------------------------------------
 
-    async def _switch_to(self, v: registry.Version) -> None:
+    async def _switch_to(self, v: model_registry.Version) -> None:
         assert self.current is not None
         if self.current.version_id == v.id:
             return

@@ -7,7 +7,7 @@ import queue
 import threading
 from typing import Any
 
-from fovea.store import Prediction, Store
+from fovea.store import PredictionRecord, Store
 
 log = logging.getLogger("fovea.serve")
 
@@ -56,7 +56,7 @@ class PredictionLog:
             if rows:
                 try:
                     with self.store.session() as s:
-                        s.add_all([Prediction(**r) for r in rows])
+                        s.add_all([PredictionRecord(**r) for r in rows])
                     self.written += len(rows)
                 except Exception as e:  # noqa: BLE001 - a database outage must not stop serving
                     self.dropped += len(rows)

@@ -105,7 +105,7 @@ class DeploymentEvent(Base):
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-class Prediction(Base):
+class PredictionRecord(Base):
     """One answer of one model to one input, online or batch (``job`` + ``input_key`` make batch idempotent)."""
 
     __tablename__ = "predictions"

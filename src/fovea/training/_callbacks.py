@@ -8,23 +8,13 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fovea.errors import FoveaError
-
-if TYPE_CHECKING:
-    from fovea.training._loop import Fit
+from fovea.training._fit import Callback, Fit
 
 log = logging.getLogger("fovea.training")
 HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds"]
-
-
-class Callback:
-    def before_fit(self, fit: Fit) -> None: ...
-    def before_epoch(self, fit: Fit) -> None: ...
-    def after_batch(self, fit: Fit) -> None: ...
-    def after_epoch(self, fit: Fit) -> None: ...
-    def after_fit(self, fit: Fit) -> None: ...
 
 
 class ProgressBar(Callback):
@@ -162,3 +152,79 @@ class Checkpointer(Callback):
     def after_fit(self, fit: Fit) -> None:
         self._wait()
         self.pool.shutdown()
+
+
+class TimeBudget(Callback):
+    """Fits the run into a time budget: the number of epochs follows the speed measured on this machine.
+
+    After a few warm-up steps (allocation and oneDNN/cuDNN kernel selection make the first steps slow) it times
+    the training steps and plans how many epochs fit before ``deadline``, leaving what the end of the run needs
+    (the final evaluation with TTA, the training-set evaluation, the drift reference, the report: ``finish``
+    estimates it from the measured validation speed). After every epoch it plans again from the epochs' own
+    times, so a machine that slows down shortens the run instead of overrunning it. The schedule is a function
+    of (step, total steps), so the one-cycle schedule ends on time instead of being cut off (Ultralytics'
+    ``time=`` re-plans the same way). ``cap``: at most this many epochs (None: as many as fit).
+    """
+
+    WARMUP_STEPS = 3
+    MEASURE_SECONDS = 5.0  # the first plan: after this long (or the first epoch, if shorter)
+
+    def __init__(self, deadline: float, cap: int | None, finish: Any, on_plan: Any = None,
+                 clock: Any = time.monotonic) -> None:
+        self.deadline, self.cap, self.clock = deadline, cap, clock  # ``deadline`` on ``clock``
+        self.finish = finish  # (fit, seconds per image of a forward pass) -> seconds the end of the run takes
+        self.on_plan = on_plan  # (fit) -> None: called when the plan changes (train_config.json is rewritten)
+        self.planned = False
+        self._t0: float | None = None
+        self._steps0 = 0
+        self._last = 0.0
+        self._epochs: list[float] = []  # wall seconds of each epoch, callbacks (checkpoints) included
+
+    def before_fit(self, fit: Fit) -> None:
+        self._last = self.clock()
+
+    def _apply(self, fit: Fit, total: int, why: str) -> None:
+        total = max(1, len(fit.history), total if self.cap is None else min(total, self.cap))  # never below what ran
+        if self.planned and total == fit.cfg.epochs:
+            return
+        self.planned = True
+        log.info("time budget: %d epochs (%s)", total, why)
+        fit.cfg.epochs = total
+        if self.on_plan:
+            self.on_plan(fit)
+
+    def after_batch(self, fit: Fit) -> None:
+        done = fit.step - fit.epoch * fit.steps_per_epoch  # steps taken in this epoch
+        if self.planned or fit.epoch > 0:
+            return
+        if done == self.WARMUP_STEPS:
+            self._t0, self._steps0 = self.clock(), fit.step
+            return
+        if self._t0 is None or fit.step - self._steps0 < 2:
+            return
+        elapsed = self.clock() - self._t0
+        if elapsed < self.MEASURE_SECONDS:
+            return
+        step_s = elapsed / (fit.step - self._steps0)
+        batch = max(int(fit.cfg.batch_size or 1), 1)
+        fwd_per_image = step_s / batch / 3  # a forward pass costs about a third of a training step
+        val_s = fwd_per_image * len(fit.val)
+        epoch_s = fit.steps_per_epoch * step_s + val_s
+        rest_of_this_epoch = (fit.steps_per_epoch - done) * step_s + val_s
+        left = self.deadline - self.clock() - self.finish(fit, fwd_per_image) - rest_of_this_epoch
+        self._apply(fit, 1 + int(max(left, 0.0) // epoch_s),
+                    f"{epoch_s:.1f} s per epoch expected from the first {fit.step - self._steps0} steps")
+
+    def after_epoch(self, fit: Fit) -> None:
+        now = self.clock()
+        self._epochs.append(now - self._last)
+        self._last = now
+        recent = (self._epochs[1:] if len(self._epochs) > 1 else self._epochs)[-3:]  # the first holds the warm-up
+        epoch_s = sum(recent) / len(recent)
+        fwd_per_image = fit.val_seconds / max(len(fit.val), 1) if fit.val_seconds else 0.0
+        left = self.deadline - now - self.finish(fit, fwd_per_image)
+        total = len(fit.history) + int(max(left, 0.0) // epoch_s)
+        # Changing the plan moves the schedule a little: only when it would overrun, or could run notably longer.
+        current = int(fit.cfg.epochs or 1)
+        if not self.planned or total < current or (total > current + 1 and len(fit.history) < current / 2):
+            self._apply(fit, total, f"{epoch_s:.1f} s per epoch measured, {max(left, 0.0):.0f} s left for epochs")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fovea.data import AUGMENTATIONS
+from fovea._duration import parse_duration
 from fovea.errors import FoveaError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -25,6 +26,11 @@ class TrainConfig:
     # predict, evaluate and serve apply them from the artifact alone. Empty: none.
     preprocess: str | tuple[str, ...] = ()
     epochs: int | None = None  # None: chosen from the model, data size and device (see resolve)
+    # A time budget in seconds for the whole run (--time 5m): the number of epochs is set from the speed measured
+    # in the first steps, so the one-cycle schedule ends on time. With --epochs too, those are the most it runs.
+    # None: on a CPU, when --epochs is not given, DEFAULT_CPU_TIME (a good model in ~5 minutes on any laptop:
+    # epochs from the data size alone took 7.4 min on a 2-core CPU without native bf16); no budget on a GPU.
+    time: float | None = None
     batch_size: int | None = None  # None: 64 for < 1000 images (halved down to 8 for < 512), else 128 CPU / 256 GPU
     lr: float | None = None  # None: per optimizer (sgd 0.1 x batch/256... see resolve)
     optimizer: str | None = None  # None: sgd+nesterov for mlp/cnn (best from scratch), adamw otherwise
@@ -63,6 +69,8 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # architecture kwargs (e.g. widths)
 
     def validate(self) -> None:
+        from fovea.data import AUGMENTATIONS  # with the loader, which needs torch: not at import
+
         def bad(name: str, value: object, allowed: tuple[str, ...]) -> None:
             raise FoveaError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
 
@@ -76,6 +84,9 @@ class TrainConfig:
             bad("device", self.device, ("auto", "cpu", "cuda"))
         if self.mode is not None and self.mode not in MODES:
             bad("mode", self.mode, MODES)
+        if self.mode == "scratch" and (self.pretrained or self.weights):
+            given = "--pretrained" if self.pretrained else f"--weights {self.weights}"
+            raise FoveaError(f"--mode scratch starts from random weights, so {given} contradicts it; drop one of them")
         if self.freeze is not None and not 0 <= self.freeze <= 1:
             raise FoveaError(f"--freeze must be a fraction in [0, 1], got {self.freeze}")
         if self.class_weights not in CLASS_WEIGHTS:
@@ -123,6 +134,8 @@ class TrainConfig:
                 raise FoveaError(f"--preprocess {self.preprocess!r}: {e}") from e
         if self.monitor not in ("val_acc", "val_loss", "last"):
             bad("monitor", self.monitor, ("val_acc", "val_loss", "last"))
+        if self.time is not None and not 0 < self.time <= 30 * 86400:
+            raise FoveaError(f"--time must be positive and at most 30 days, got {self.time:g} s")
         for name in ("image_size", "epochs", "batch_size"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -136,7 +149,84 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a ``TrainConfig`` field reads on the command line: ``fovea train``, ``lr-find`` and ``compare`` build
+    their options from ``OPTIONS``, so each is declared once, beside the field it sets."""
+
+    help: str
+    flags: tuple[str, ...] = ()  # when not --NAME (a --x/--no-x switch, say)
+    type: Any = None  # the command line's type, when not the field's (e.g. a string for a list field)
+    parser: Callable[[str], Any] | None = None
+    metavar: str | None = None
+
+
+_SIZE = "Square input size in px (default: per model and device)."
+OPTIONS: dict[str, Option] = {
+    "model": Option("Architecture: mlp, cnn, any timm name, alexnet, googlenet (`fovea models`); default cnn, or the "
+                    "--weights run's."),
+    "weights": Option("Start from these weights: a .safetensors/.pth/.pt file or a Fovea run folder."),
+    "pretrained": Option("timm hub weights (default for timm architectures, except with --mode scratch; needs the "
+                         "network).", ("--pretrained/--no-pretrained",)),
+    "mode": Option("scratch | features | finetune | auto (default: auto with weights, else scratch)."),
+    "freeze": Option("finetune: share of the backbone frozen from the input side (0-1)."),
+    "head_epochs": Option("finetune: epochs training only the new head first (default 1-3)."),
+    "image_size": Option(_SIZE),
+    "preprocess": Option("Classical operations applied to every image after the resize, e.g. gray,clahe or "
+                         "gray,clahe:clip=3 (`fovea ops list`); recorded in the model, so predict and serve apply "
+                         "them too. A --weights run's steps are kept unless you give others or `none`.", type=str | None),
+    "epochs": Option("Epochs (default: from data size and device; with --time, the most it runs)."),
+    "time": Option("Time for the whole command (90s, 5m, 1h): the epochs are fitted to this machine's measured "
+                   "speed so the schedule ends on time. Default on a CPU without --epochs: 5m.",
+                   parser=parse_duration, metavar="DURATION"),
+    "batch_size": Option("Batch size."),
+    "lr": Option("Peak learning rate."),
+    "optimizer": Option("sgd | adam | adamw | rmsprop"),
+    "weight_decay": Option("L2 weight decay."),
+    "schedule": Option("onecycle | cosine | constant"),
+    "label_smoothing": Option("Label smoothing."),
+    "augment": Option("none | flip | light (translate+flip) | standard (random resized crop+flip) | strong (+rotation, "
+                      "colour jitter, random erasing, mixup/cutmix)"),
+    "mixup": Option("Mixup alpha (0 off; default 0.8 with --augment strong)."),
+    "cutmix": Option("CutMix alpha (0 off; default 1.0 with --augment strong)."),
+    "l1": Option("L1 penalty on weights, added to the loss."),
+    "class_weights": Option("none | auto (loss weighted against imbalance)"),
+    "sampler": Option("shuffle | balanced (oversample rare classes)"),
+    "group_regex": Option("Group (patient, source) = this regex's first group on the file name; splits keep groups "
+                          "whole."),
+    "folds": Option("K-fold cross-validation: K runs, mean ± spread."),
+    "seeds": Option("Train N models (seeds seed..seed+N-1) and ensemble them."),
+    "human_error": Option("Human-level error (e.g. 0.05) for the bias/variance diagnosis."),
+    "tta": Option("Average predictions with the mirrored image.", ("--tta/--no-tta",)),
+    "dropout": Option("Dropout before the classifier."),
+    "device": Option("auto | cpu | cuda"),
+    "amp": Option("bf16 mixed precision (default: where native).", ("--amp/--no-amp",)),
+    "compile": Option("torch.compile the model (GPU, long runs).", ("--compile",)),
+    "patience": Option("Stop after this many epochs without improvement."),
+    "monitor": Option("val_acc | val_loss: keep the best epoch's weights; last: the final ones."),
+    "val_fraction": Option("Validation share when DATA has no val split."),
+    "seed": Option("Seed: same seed, same run (on CPU)."),
+    "out": Option("Run folder (default runs/DATA-MODEL-TIME)."),
+    "resume": Option("Continue the run in --out from its last checkpoint.", ("--resume",)),
+    "cache": Option("Reuse decoded images from $FOVEA_HOME/cache.", ("--cache/--no-cache",)),
+}
+
+
+def preprocess_steps(cfg: TrainConfig) -> list[Any]:
+    """The --preprocess steps (fovea.ops.Step); OpenCV is imported only when there are some."""
+    if not cfg.preprocess or cfg.preprocess == "none":
+        return []
+    from fovea.ops import parse_steps
+
+    return parse_steps(cfg.preprocess)
+
+
 GPU_CNN_WIDTHS = (48, 96, 192, 384, 512)
+DEFAULT_CPU_TIME = 300.0  # seconds: the whole `fovea train DATA` on a CPU, when neither --time nor --epochs is given
 
 
 def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, native_size: int,
@@ -167,8 +257,8 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
         while c.batch_size <= 64 and c.batch_size > 8 and n_train < 8 * c.batch_size:
             c.batch_size //= 2
         why["batch_size"] = f"{c.batch_size} for {n_train} training images on {device_type}"
-    if c.pretrained is None:
-        c.pretrained = source == "timm" and c.weights is None
+    if c.pretrained is None:  # --mode scratch: random initialisation, never a download
+        c.pretrained = source == "timm" and c.weights is None and c.mode != "scratch"
         if c.pretrained:
             why["pretrained"] = "timm hub weights (the default for timm architectures; --no-pretrained to train from scratch)"
     transfer = bool(c.weights or c.pretrained)
@@ -198,6 +288,10 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
         c.cutmix = 1.0 if strong else 0.0
     if (c.mixup or c.cutmix) and c.batch_size % 2:
         raise FoveaError(f"mixup/cutmix pair each image with another in the batch: use an even --batch-size, not {c.batch_size}")
+    if c.time is None and c.epochs is None and not gpu:
+        c.time = DEFAULT_CPU_TIME
+        why["time"] = (f"{c.time / 60:g} min for the whole run on a CPU (--time to change it, --epochs for a fixed "
+                       "number): the epochs are fitted to this machine's measured speed")
     if c.epochs is None:
         # Budget in image-passes: small data needs many epochs; a CPU can afford ~60k passes of the cnn
         # at 64 px in ~4 minutes (docs/benchmarks.md).
@@ -209,7 +303,8 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
             c.epochs = 40 if small_own else 30
         else:
             c.epochs = max(10, min(80, 120_000 // max(n_train, 1))) if small_own else max(3, min(15, 20_000 // max(n_train, 1)))
-        why["epochs"] = f"{c.epochs} for {n_train} images on {device_type}"
+        why["epochs"] = f"{c.epochs} for {n_train} images on {device_type}" + (" (at most: the time budget may "
+                                                                              "set fewer)" if c.time else "")
     if c.amp is None:
         c.amp = gpu or cpu_bf16
         why["amp"] = "bf16 autocast" if c.amp else "fp32 (no native bf16 on this CPU)"

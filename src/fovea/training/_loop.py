@@ -1,4 +1,4 @@
-"""``fovea train``: data -> cached uint8 tensors on the device -> one short loop -> a run folder."""
+"""One training run: data -> cached uint8 tensors on the device -> one short loop -> a run folder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,18 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
-from fovea.artifact import autocast, infer, pick_device, save_artifact
-from fovea.data import Batches, Dataset, ImageSet, discover, kfold, load_images
+from fovea._system import cpu_has_bf16
+from fovea.data import Batches, Dataset, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import check_input_size, create_model, default_config, source_of
-from fovea.models._transfer import fold_probe, load_weights, read_weights
-from fovea.training._callbacks import BestTracker, Callback, Checkpointer, CSVLogger, ProgressBar
+from fovea.models.backbone import fold_probe, load_weights, read_weights
+from fovea.runtime import autocast, pick_device
+from fovea.training._callbacks import BestTracker, Checkpointer, CSVLogger, ProgressBar, TimeBudget
 from fovea.training._checkpoint import has_checkpoint, load_checkpoint
-from fovea.training._config import TrainConfig, resolve
-from fovea.training._schedule import lr_at
-from fovea.training._transfer import (
+from fovea.training._config import TrainConfig, preprocess_steps, resolve
+from fovea.training._finish import finish
+from fovea.training._fit import Callback, Fit
+from fovea.training._modes import (
     FeatureBatches,
     Freezer,
     choose_mode,
@@ -35,49 +36,13 @@ from fovea.training._transfer import (
     measure_shift,
     two_phase_lr,
 )
+from fovea.training._schedule import lr_at
 
 log = logging.getLogger("fovea.training")
-
-
-@dataclass
-class Fit:
-    """Everything the loop and its callbacks share."""
-
-    cfg: TrainConfig
-    run: Path
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    batches: Batches
-    val: ImageSet
-    device: torch.device
-    generator: torch.Generator
-    callbacks: list[Callback]
-    epoch: int = 0
-    step: int = 0
-    steps_per_epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    running: dict[str, float] = field(default_factory=dict)
-    epoch_start: float = 0.0
-    best_score: float | None = None
-    best_epoch: int = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    stop: bool = False
-    val_images: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # val set, kept on the device
-    val_features: torch.Tensor | None = None  # features mode: the val set's embeddings
-    lr_fn: Any = None  # step -> learning rate; None: the configured schedule over the whole run
-
-    def fire(self, event: str) -> None:
-        for cb in self.callbacks:
-            getattr(cb, event)(self)
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: where oneDNN runs bf16 convolutions natively (2x fp32, measured on Zen 4)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+# The end of a run beyond its forward passes (Grad-CAM of a few images, the report's plots, writing files), and
+# the share of a time budget kept in reserve (process exit, printing, a slower minute): measured on pets, 2 cores.
+REPORT_SECONDS = 6.0
+BUDGET_MARGIN = 0.02
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
@@ -98,24 +63,11 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
     raise FoveaError(f"unknown optimizer {name!r}")
 
 
-def evaluate_logits(fit: Fit, tta: bool = False) -> torch.Tensor:
-    """Validation logits. Per-epoch checks skip test-time augmentation (half the cost); the final one uses it."""
-    if fit.val_features is not None:
-        fit.model.eval()
-        with torch.no_grad():
-            out = fit.model(fit.val_features).float().cpu()
-        fit.model.train()
-        return out
-    return infer(fit.model, fit.val_images, mean=fit.batches.mean, std=fit.batches.std, device=fit.device,
-                 amp=bool(fit.cfg.amp), tta=tta, channels_last=bool(fit.cfg.channels_last))
-
-
 def run_epoch(fit: Fit, step_fn: Any) -> None:
     """One pass over the training data, then validation; appends a history row."""
     cfg = fit.cfg
     fit.model.train()
     fit.epoch_start = time.perf_counter()
-    total_steps = fit.steps_per_epoch * int(cfg.epochs or 1)
     peak = cfg.lr
     assert peak is not None, "resolve() sets the learning rate"
     loss_sum = torch.zeros((), device=fit.device)
@@ -123,9 +75,9 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     seen = 0
     fit.running = {}
     fit.fire("before_epoch")
-    lr_of = fit.lr_fn or (lambda step: lr_at(step, total_steps, peak, cfg.schedule))
+    lr_of = fit.lr_fn or (lambda step, total: lr_at(step, total, peak, cfg.schedule))
     for x, y in fit.batches:
-        lr = lr_of(fit.step)
+        lr = lr_of(fit.step, fit.total_steps())
         for g in fit.opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # discriminative learning rates when fine-tuning
         loss, logits = step_fn(x, y)
@@ -140,11 +92,12 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     if fit.device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - fit.epoch_start
-    logits = evaluate_logits(fit)
+    logits = fit.val_logits()
+    fit.val_seconds = time.perf_counter() - fit.epoch_start - train_seconds
     val_loss = F.cross_entropy(logits, fit.val.labels).item() if len(fit.val) else float("nan")
     val_acc = (logits.argmax(1) == fit.val.labels).float().mean().item() if len(fit.val) else float("nan")
     fit.history.append({
-        "epoch": fit.epoch + 1, "lr": lr_of(fit.step - 1),
+        "epoch": fit.epoch + 1, "lr": lr_of(fit.step - 1, fit.total_steps()),
         "train_loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1),
         "val_loss": val_loss, "val_acc": val_acc,
         "images_per_s": seen / max(train_seconds, 1e-9), "seconds": time.perf_counter() - fit.epoch_start,
@@ -183,106 +136,16 @@ def build_model(cfg: TrainConfig, num_classes: int, size: int) -> tuple[nn.Modul
     return model, arch_kwargs
 
 
-def _steps(cfg: TrainConfig) -> list[Any]:
-    """The --preprocess steps (fovea.ops.Step); OpenCV is imported only when there are some."""
-    if not cfg.preprocess or cfg.preprocess == "none":
-        return []
-    from fovea.ops import parse_steps
-
-    return parse_steps(cfg.preprocess)
-
-
-def _default_out(cfg: TrainConfig) -> Path:
+def default_out(cfg: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{Path(cfg.data).stem}-{cfg.model or Path(str(cfg.weights)).name}-{stamp}"
 
 
-def train(data: str | Path, **kwargs: Any) -> Path:
-    """Train a model on ``data`` and write a run folder; returns its path. kwargs: TrainConfig fields.
-
-    With ``folds=K`` the folder holds K runs (fold-1 ...) and cv.json; with ``seeds=N`` it holds N runs
-    (seed-0 ...) and is itself the ensemble of them (a model artifact averaging their probabilities).
-    """
-    cfg = TrainConfig(data=str(data), **kwargs)
-    cfg.validate()
-    if cfg.folds or cfg.seeds > 1:
-        out = Path(cfg.out) if cfg.out else _default_out(cfg)
-        if out.exists() and any(out.iterdir()):
-            raise FoveaError(f"{out} already exists and is not empty; choose another --out")
-        ds = discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex)
-        return _cross_validate(cfg, ds, out) if cfg.folds else _train_seeds(cfg, ds, out)
-    return _train(cfg)
-
-
-def _summary(values: list[float | None]) -> dict[str, float | None]:
-    v = np.array([x for x in values if x is not None], dtype=np.float64)
-    if not len(v):
-        return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max())}
-
-
-CV_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1_macro", "train_accuracy")
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
-def _cross_validate(cfg: TrainConfig, ds: Dataset, out: Path) -> Path:
-    """K runs, one per fold (train + val pooled, stratified and group-aware); cv.json holds mean +- spread."""
-    folds = kfold(ds, int(cfg.folds or 2), cfg.seed)
-    rows = []
-    for i, fold_ds in enumerate(folds, 1):
-        log.info("fold %d of %d: %d train, %d val images", i, len(folds), len(fold_ds.splits["train"]),
-                 len(fold_ds.splits["val"]))
-        run = _train(dataclasses.replace(cfg, folds=None, out=str(out / f"fold-{i}")), fold_ds)
-        m = json.loads((run / "metrics.json").read_text())
-        rows.append({"fold": i, "run": str(run), "n_train": m["n_train"], "n_val": m["n_val"],
-                     **{k: m.get(k) for k in CV_METRICS}})
-    summary = {k: _summary([r[k] for r in rows]) for k in CV_METRICS}
-    cv = {"folds": rows, "k": len(folds), "summary": summary, "std": "sample standard deviation over folds (ddof=1)",
-          "config": cfg.to_dict()}
-    (out / "cv.json").write_text(json.dumps(cv, indent=2))
-    lines = ["| fold | train | val | accuracy | balanced accuracy | ROC-AUC |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['fold']} | {r['n_train']} | {r['n_val']} | {_fmt(r['accuracy'])} | {_fmt(r['balanced_accuracy'])} | "
-              f"{_fmt(r['roc_auc'])} |" for r in rows]
-    pm = {k: f"{_fmt(summary[k]['mean'])} ± {_fmt(summary[k]['std'])}" for k in CV_METRICS}
-    lines.append(f"| mean ± std | | | {pm['accuracy']} | {pm['balanced_accuracy']} | {pm['roc_auc']} |")
-    (out / "cv.md").write_text("\n".join(lines) + "\n")
-    return out
-
-
-def _train_seeds(cfg: TrainConfig, ds: Dataset, out: Path) -> Path:
-    """N runs on one split with seeds seed..seed+N-1, then their ensemble written into ``out``."""
-    from fovea.artifact import load
-    from fovea.ensemble import make_ensemble
-    from fovea.evaluation import classification_metrics
-
-    runs = []
-    for i in range(cfg.seeds):
-        seed = cfg.seed + i
-        log.info("seed %d (%d of %d)", seed, i + 1, cfg.seeds)
-        runs.append(_train(dataclasses.replace(cfg, seeds=1, seed=seed, out=str(out / f"seed-{seed}")), ds))
-    make_ensemble(runs, out, progress=cfg.progress)
-    # The ensemble on the members' own validation split (one split for all: only the seeds differ).
-    ens = load(out, cfg.device)
-    val = load_images(ds.splits["val"], ens.image_size, cache=cfg.cache, progress=False)
-    members = [json.loads((r / "metrics.json").read_text()) for r in runs]
-    metrics: dict[str, Any] = {}
-    if len(val):
-        metrics = classification_metrics(val.labels.numpy(), ens.predict_proba(val.images), ds.classes)
-    metrics.pop("roc_curves", None)
-    metrics.update({"members": [{"run": str(r), **{k: m.get(k) for k in CV_METRICS}} for r, m in zip(runs, members)],
-                    "members_summary": {k: _summary([m.get(k) for m in members]) for k in CV_METRICS},
-                    "n_val": len(val), "n_train": members[0]["n_train"], "skipped": members[0]["skipped"]})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    return out
-
-
-def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
-    """One run. ``dataset``: an already split data set (a fold, or the split shared by --seeds runs)."""
-    run = Path(cfg.out) if cfg.out else _default_out(cfg)
+def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float | None = None) -> Path:
+    """One run. ``dataset``: an already split data set (a fold, or the split shared by --seeds runs);
+    ``deadline``: a ``time.time()`` by which it should end (None: its own ``cfg.time`` from now, if any)."""
+    started = time.time()
+    run = Path(cfg.out) if cfg.out else default_out(cfg)
     if cfg.resume:
         if not has_checkpoint(run):
             raise FoveaError(f"--resume: no checkpoint in {run}; give the run folder with --out")
@@ -301,7 +164,8 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
             resumed.data = str(cfg.data)
         if cfg.model and cfg.model != saved.get("model"):
             raise FoveaError(f"--resume: {run} trains a {saved.get('model')}, not a {cfg.model}; drop --model")
-        # Resume keeps the original config; only the number of epochs may be extended.
+        # Resume keeps the original config (and the epochs a time budget planned); only the number of epochs may
+        # be extended.
         epochs, cfg = cfg.epochs, resumed
         if epochs is not None:
             if epochs < int(saved["epochs"]):
@@ -325,14 +189,14 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
     ds = dataset or discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex)
     source = source_of(cfg.model)
     native = default_config(cfg.model)
-    user_lr = cfg.lr
+    user_lr, user_epochs, user_time = cfg.lr, cfg.epochs, cfg.time
     if not cfg.resume:
         cfg, why = resolve(cfg, device_type=device.type, n_train=len(ds.splits["train"]), source=source,
                            native_size=int(native["input_size"]), cpu_bf16=cpu_has_bf16())
         for k, v in why.items():
             log.info("%s: %s", k, v)
     size = int(cfg.image_size or 64)
-    steps = _steps(cfg)
+    steps = preprocess_steps(cfg)
     # The network before the images: a bad --arch, weights that cannot be fetched or a size too small for the
     # network fail in a second, not after minutes of decoding.
     model, arch_kwargs = build_model(cfg, len(ds.classes), size)
@@ -424,7 +288,7 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
             if cfg.head_epochs is None:
                 cfg.head_epochs = max(1, min(3, epochs // 5))
             callbacks.append(Freezer(model, body, frozen_norms, cfg.head_epochs))
-            lr_fn = two_phase_lr(len(batches) * epochs, len(batches) * cfg.head_epochs, cfg.lr, cfg.schedule)
+            lr_fn = two_phase_lr(len(batches) * cfg.head_epochs, cfg.lr, cfg.schedule)
             n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
             transfer.update(freeze=freeze, head_epochs=cfg.head_epochs, frozen_parameters=n_frozen,
                             trainable_parameters=sum(p.numel() for p in model.parameters()) - n_frozen)
@@ -442,7 +306,32 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
         fit.epoch, fit.step, fit.history = state["epoch"], state["step"], state["history"]
         fit.best_score, fit.best_epoch = state["best_score"], state["best_epoch"]
         log.info("resuming %s at epoch %d of %d", run, fit.epoch, cfg.epochs)
-    (run / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def save_config(fit: Fit | None = None) -> None:  # what --resume reads back, with the epochs planned so far
+        tmp = run / "train_config.json.tmp"
+        tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        tmp.replace(run / "train_config.json")
+
+    save_config()
+    if deadline is None and cfg.time is not None and not cfg.resume:
+        deadline = started + cfg.time
+    if deadline is not None and not cfg.resume:
+        embed_per_image = timings.get("embed", 0.0) / max(len(train_set) + len(val_set), 1)
+
+        def finish_seconds(fit: Fit, fwd_per_image: float) -> float:
+            """What the end of the run takes: validation and training images evaluated with TTA, the drift
+            reference (one more pass over validation), then Grad-CAM and the report (REPORT_SECONDS)."""
+            fwd = max(fwd_per_image, embed_per_image)  # features mode times the head alone per epoch
+            tta = 2 if cfg.tta else 1
+            return fwd * (tta * (len(val_set) + len(train_set)) + min(len(val_set), 2000)) + REPORT_SECONDS
+
+        # the user's --epochs is the most a budget may run; the default budget keeps the data-size rule as its cap
+        cap = user_epochs if user_epochs is not None else (cfg.epochs if user_time is None else None)
+        # first: the progress bar and the checkpoint see the epochs it planned
+        end = time.monotonic() + (deadline - time.time()) - BUDGET_MARGIN * (deadline - started)
+        callbacks.insert(0, TimeBudget(end, cap, finish_seconds, save_config))
+    elif cfg.resume and cfg.time is not None:
+        log.info("resuming the %d epochs the time budget planned", cfg.epochs)
 
     net: Any = torch.compile(trained) if cfg.compile else trained
     mixer = None
@@ -491,71 +380,4 @@ def _train(cfg: TrainConfig, dataset: Dataset | None = None) -> Path:
     fit.model, fit.val_features = model, None
     for p in model.parameters():
         p.requires_grad_(True)
-    return _finish(fit, ds, train_set, val_set, quarantined, arch_kwargs, mean, std, native, timings, transfer)
-
-
-def _finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantined: list[dict[str, str]],
-            arch_kwargs: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...], native: dict[str, Any],
-            timings: dict[str, float], transfer: dict[str, Any]) -> Path:
-    """Final validation metrics, the artifact, metrics.json and report.html."""
-    from fovea.evaluation import classification_metrics, diagnose, write_report
-    from fovea.explain import looks_at
-
-    cfg, run = fit.cfg, fit.run
-    clock = time.perf_counter()
-    logits = evaluate_logits(fit, tta=cfg.tta)
-    metrics = classification_metrics(val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes) if len(val_set) else {}
-    metrics.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "train_seconds": round(timings["train"], 2),
-                    "n_train": len(train_set), "n_val": len(val_set), "skipped": len(quarantined)})
-    last = fit.history[-1] if fit.history else {}
-    metrics["final_train_acc"] = last.get("train_acc")
-    if len(val_set):
-        # Training error for the bias/variance diagnosis: the final weights on the training images, no
-        # augmentation, evaluated exactly like validation.
-        train_logits = infer(fit.model, train_set.images, mean=fit.batches.mean, std=fit.batches.std, device=fit.device,
-                             amp=bool(cfg.amp), tta=cfg.tta, channels_last=bool(cfg.channels_last))
-        metrics["train_accuracy"] = float((train_logits.argmax(1) == train_set.labels).float().mean())
-        metrics["diagnosis"] = diagnose(1 - metrics["train_accuracy"], 1 - metrics["accuracy"], cfg.human_error)
-    meta = {
-        "architecture": {"name": cfg.model, "kwargs": arch_kwargs},
-        "classes": ds.classes,
-        "preprocessing": {"image_size": int(cfg.image_size or 64), "resize": "shorter side, then centre crop",
-                          "mean": list(mean), "std": list(std), "interpolation": "bilinear",
-                          "alpha": "composited on white", "tta": cfg.tta, "color": "RGB",
-                          "steps": [s.to_dict() for s in _steps(cfg)]},  # fovea.ops, after the resize
-        "training": cfg.to_dict(),
-        "transfer": transfer,
-        "metrics": {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "roc_curves", "per_class")},
-        "data": {"root": ds.root, "layout": ds.layout, "fingerprint": ds.fingerprint(),
-                 "counts": ds.counts(), "quarantined": len(quarantined)},
-    }
-    save_artifact(run, fit.model, meta)
-    if len(val_set):
-        _save_reference(run, val_set, fit.device)
-    looks = looks_at(fit.model, val_set.images, val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes,
-                     val_set.paths, mean=mean, std=std) if len(val_set) else None
-    write_report(run / "report.html", title=f"{cfg.model} on {Path(cfg.data).name}", meta=meta, metrics=metrics,
-                 history=fit.history, quarantined=quarantined, explanations=looks)
-    timings["finish"] = time.perf_counter() - clock
-    metrics["timings"] = {k: round(v, 2) for k, v in timings.items()}
-    log.info("seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    (run / "metrics.json").write_text(json.dumps({**metrics, "quarantined": quarantined}, indent=2, default=float))
-    log.info("run folder: %s", run)
-    return run
-
-
-def _save_reference(run: Path, val_set: ImageSet, device: torch.device) -> None:
-    """reference.npz beside the weights: what the validation images looked like to the saved artifact (through
-    ``fovea.load``, as serving will see them), for ``fovea drift``."""
-    from fovea.artifact import load
-    from fovea.monitor import build_reference, header_size, save_reference
-
-    clock = time.perf_counter()
-    model = load(run, str(device))
-    sizes = [header_size(p) for p in val_set.paths]
-    save_reference(run, build_reference(model, val_set.images, sizes, val_set.labels.numpy()))
-    log.info("drift reference: %d validation images in %.1f s", min(len(val_set), 2000), time.perf_counter() - clock)
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(TrainConfig)]
+    return finish(fit, ds, train_set, val_set, quarantined, arch_kwargs, mean, std, native, timings, transfer)

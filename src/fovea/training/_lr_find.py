@@ -25,14 +25,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from fovea.artifact import autocast, pick_device
+from fovea._system import cpu_has_bf16
 from fovea.data import Batches, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import default_config, source_of
-from fovea.models._transfer import load_weights, read_weights
-from fovea.training._config import TrainConfig, resolve
-from fovea.training._loop import _follow_weights_run, _steps, build_model, cpu_has_bf16, make_optimizer
-from fovea.training._transfer import finetune_param_groups
+from fovea.models.backbone import load_weights, read_weights
+from fovea.runtime import autocast, pick_device
+from fovea.training._config import TrainConfig, preprocess_steps, resolve
+from fovea.training._loop import _follow_weights_run, build_model, make_optimizer
+from fovea.training._modes import finetune_param_groups
 
 log = logging.getLogger("fovea.training")
 
@@ -246,7 +247,7 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
     transfer = bool(cfg.weights or cfg.pretrained)
     size = int(cfg.image_size or 64)
     train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress,
-                            description="decoding train", preprocess=_steps(cfg))
+                            description="decoding train", preprocess=preprocess_steps(cfg))
     for p, r in train_set.quarantined:
         log.warning("quarantined %s: %s", p, r)
     if len(train_set) == 0:

@@ -1,4 +1,4 @@
-"""``fovea demo``: the whole job on real data that needs no network.
+"""``fovea demo``: the whole job on real data that needs no network, shown as a user would run it.
 
 Data, in order: ``$FOVEA_DEMO_DATA``; the cats-vs-dogs photos in ``shared/data/pets`` when a checkout sits
 beside them; otherwise scikit-learn's bundled handwritten digits (1797 real 8x8 scans) written out as
@@ -61,10 +61,9 @@ def run_demo(out: Path = Path("runs/demo"), data: Path | None = None, epochs: in
 
     import fovea
     from fovea._home import home
-    from fovea.cli import _setup_logging
+    from fovea.cli._render import check_report
     from fovea.data import discover
 
-    _setup_logging()
     con = Console()
     env = os.environ.get("FOVEA_DEMO_DATA")
     if data is None and env:
@@ -73,7 +72,7 @@ def run_demo(out: Path = Path("runs/demo"), data: Path | None = None, epochs: in
         data = find_pets()
         if data is not None:
             con.print(f"[bold]Demo data:[/] cats and dogs photos in {data}")
-            epochs = epochs or 20  # ~1.5 min on 2 CPU cores, ~83 %; `fovea train` defaults to 60 epochs
+            epochs = epochs or 20  # ~1.5 min on 2 CPU cores, ~83 %; `fovea train` defaults to a 5-minute budget
         else:
             data = make_digits(home() / "demo-data" / "digits")
             con.print(f"[bold]Demo data:[/] scikit-learn's handwritten digits, written to {data}")
@@ -83,9 +82,7 @@ def run_demo(out: Path = Path("runs/demo"), data: Path | None = None, epochs: in
         con.print(f"replacing the previous demo run in {out}")
         shutil.rmtree(out)
     con.rule("1. check the data")
-    from fovea.data._check import check, print_report
-
-    print_report(check(data))
+    check_report(fovea.check(data))
     con.rule("2. train")
     run = fovea.train(data, model="cnn", epochs=epochs, out=str(out))
     con.rule("3. evaluate")

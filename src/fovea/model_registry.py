@@ -19,12 +19,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from fovea._home import home
-from fovea.artifact import META, read_meta
+from fovea.artifact import FILES, MEMBERS, META, is_model_folder, read_meta, runtime_of
 from fovea.errors import FoveaError
 from fovea.store import Alias, ModelVersion, Store
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-ARTIFACT_FILES = ("model.json", "model.safetensors", "model.onnx", "model.pt2", "reference.npz", "report.html")
 
 
 @dataclass
@@ -61,9 +60,9 @@ def _check_name(kind: str, value: str) -> str:
 
 def _artifact_files(run: Path) -> list[Path]:
     """The files that make up the artifact (not checkpoints, reports or compressed siblings)."""
-    files = [run / f for f in ARTIFACT_FILES if (run / f).is_file()]
-    if (run / "members").is_dir():  # an ensemble's members
-        files += sorted(p for p in (run / "members").rglob("*") if p.is_file() and p.name in ARTIFACT_FILES)
+    files = [run / f for f in FILES if (run / f).is_file()]
+    if (run / MEMBERS).is_dir():  # an ensemble's members
+        files += sorted(p for p in (run / MEMBERS).rglob("*") if p.is_file() and p.name in FILES)
     return files
 
 
@@ -77,12 +76,6 @@ def digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _runtime(meta: dict[str, Any]) -> str:
-    if "ensemble" in meta:
-        return "ensemble"
-    return str((meta.get("compression") or {}).get("runtime", "torch"))
-
-
 def _version(store: Store, row: ModelVersion) -> Version:
     with store.session() as s:
         aliases = s.scalars(select(Alias.alias).where(Alias.version_id == row.id).order_by(Alias.alias)).all()
@@ -93,7 +86,7 @@ def _version(store: Store, row: ModelVersion) -> Version:
 def add(run: str | Path, name: str, *, alias: str | None = None, store: Store | None = None) -> Version:
     """Register the model in ``run`` as the next version of ``name``; copy its files into FOVEA_HOME.
     The first version of a name also becomes its ``production`` version."""
-    from fovea.artifact import load
+    from fovea.runtime import load
 
     store = store or Store()
     run = Path(run)
@@ -115,7 +108,7 @@ def add(run: str | Path, name: str, *, alias: str | None = None, store: Store | 
             shutil.copy2(f, dest / f.relative_to(run))
         metrics = meta.get("metrics") or {}
         row = ModelVersion(name=name, version=version, path=str(dest), source=str(run.resolve()), digest=digest(dest),
-                           runtime=_runtime(meta), classes=list(meta["classes"]),
+                           runtime=runtime_of(meta), classes=list(meta["classes"]),
                            image_size=int(meta["preprocessing"]["image_size"]),
                            accuracy=metrics.get("accuracy") if isinstance(metrics, dict) else None)
         try:
@@ -192,20 +185,42 @@ def verify(v: Version) -> None:
 
 def open_version(v: Version, device: str = "auto") -> Any:
     """Load a registered version after checking its files are the ones registered."""
-    from fovea.artifact import load
+    from fovea.runtime import load
 
     verify(v)
     return load(Path(v.path), device)
 
 
-def open_model(ref: str, device: str = "auto", store: Store | None = None) -> tuple[str, int, Any, str]:
-    """(name, version, loaded model, digest) for a model folder (version 0) or a registry reference."""
-    from fovea.artifact import load
+@dataclass
+class Located:
+    """Where a model named on a command line is: a registered version, or a model folder (version 0)."""
 
+    name: str
+    version: int  # 0: a model folder outside the registry
+    path: Path
+    registered: Version | None = None
+
+
+def locate(ref: str, *, store: Store | None = None, db: str | None = None) -> Located:
+    """A model folder (named after the folder, version 0) or a registry reference: NAME, NAME:VERSION, NAME:ALIAS.
+
+    The store (``store``, else the one at ``db``) is opened only for a registry reference.
+    """
     folder = Path(ref)
-    if (folder / META).exists():
-        return folder.resolve().name, 0, load(folder, device), ""
+    if is_model_folder(folder):
+        return Located(folder.resolve().name, 0, folder)
     if ":" not in ref and ("/" in ref or folder.exists()):
         raise FoveaError(f"{ref} is not a model folder (no {META}) and not a registry name")
-    v = resolve(ref, store=store)
-    return v.name, v.version, open_version(v, device), v.digest
+    v = resolve(ref, store=store or Store(db))
+    return Located(v.name, v.version, Path(v.path), v)
+
+
+def open_model(ref: str, device: str = "auto", store: Store | None = None) -> tuple[str, int, Any, str]:
+    """(name, version, loaded model, digest) for a model folder (version 0) or a registry reference; a registered
+    version's files are checked against its digest first."""
+    from fovea.runtime import load
+
+    where = locate(ref, store=store)
+    if where.registered is not None:
+        return where.name, where.version, open_version(where.registered, device), where.registered.digest
+    return where.name, 0, load(where.path, device), ""

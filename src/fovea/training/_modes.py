@@ -11,7 +11,7 @@
 | large | very different | fine-tune everything from the weights      |
 
 Size is counted (small: fewer than ``LARGE_DATA`` training images). Similarity is measured with
-:func:`fovea.models._transfer.domain_shift`: the KL divergence between the new images' activation
+:func:`fovea.models.backbone.domain_shift`: the KL divergence between the new images' activation
 statistics and the backbone's BatchNorm running statistics, per layer, divided by the same for random
 noise images, geometric mean over layers; ``SIMILAR_SHIFT`` separates the two (docs/transfer.md has the values measured on pets, ants/bees and digits).
 """
@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 from fovea._home import cache_dir
-from fovea.artifact import infer
 from fovea.errors import FoveaError
-from fovea.models._transfer import NORMS, embed, frozen_count, layer_groups
+from fovea.models.backbone import NORMS, embed, frozen_count, layer_groups
+from fovea.runtime import infer
 
 if TYPE_CHECKING:
-    from fovea.training._loop import Fit
+    from fovea.training._fit import Fit
 
-from fovea.training._callbacks import Callback
+from fovea.training._fit import Callback
 
 log = logging.getLogger("fovea.training")
 
@@ -78,12 +78,12 @@ def measure_shift(model: nn.Module, images: torch.Tensor, mean: tuple[float, ...
     images, 1 = as far as noise. Each BatchNorm layer's KL is divided by the noise's at the same layer
     and the ratios are averaged geometrically, so that every layer counts alike whatever its scale and
     one threshold fits backbones of any depth."""
-    from fovea.data._loader import _affine_norm, normalize
-    from fovea.models._transfer import domain_shift
+    from fovea.data import norm_coefficients, normalize
+    from fovea.models.backbone import domain_shift
 
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(images), generator=g)[:SHIFT_SAMPLE]
-    coef = _affine_norm(mean, std, device)
+    coef = norm_coefficients(mean, std, device)
     shift = domain_shift(model, normalize(images[pick].to(device), mean, std, coef))
     noise = torch.randint(0, 256, (len(pick), *images.shape[1:]), generator=g, dtype=torch.uint8)
     reference = domain_shift(model, normalize(noise.to(device), mean, std, coef))
@@ -160,14 +160,17 @@ class Freezer(Callback):
             log.info("unfreezing: %d backbone tensors train from epoch %d", len(self.body), fit.epoch + 1)
 
 
-def two_phase_lr(total_steps: int, head_steps: int, peak: float, schedule: str):  # noqa: ANN201
-    """One schedule per phase (as fastai's fine_tune): the head at ``peak``, then everything at peak/2."""
+def two_phase_lr(head_steps: int, peak: float, schedule: str):  # noqa: ANN201
+    """One schedule per phase (as fastai's fine_tune): the head at ``peak``, then everything at peak/2.
+
+    A function of (step, total steps): a time budget may change the total once the run has measured its speed.
+    """
     from fovea.training._schedule import lr_at
 
-    def lr(step: int) -> float:
+    def lr(step: int, total_steps: int) -> float:
         if step < head_steps:
             return lr_at(step, head_steps, peak, schedule)
-        return lr_at(step - head_steps, total_steps - head_steps, peak / 2, schedule)
+        return lr_at(step - head_steps, max(total_steps - head_steps, 1), peak / 2, schedule)
 
     return lr
 

@@ -1,0 +1,294 @@
+"""The answer path, without HTTP: image files in, answers out.
+
+Decoding runs on the decoder pool, inference on the one thread the micro-batcher feeds, logging to the store on
+the prediction log's thread; the event loop only routes. Which version answers is the fleet's ``Route``: a
+failing canary falls back to production, and a shadow (or a canary's production reference) sees the same images
+in the background. Every answer is logged with the image's fingerprint, unsure answers go to the review queue,
+Grad-CAM overlays are drawn on the inference thread, and ``--hybrid`` answers from the predictions ``fovea
+batch`` stored for the same bytes and model version. A request Fovea cannot serve raises ``HTTPProblem``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from fovea import review
+from fovea.errors import ImageError
+from fovea.serve import _bodies as bodies
+from fovea.serve._fleet import Route, Served
+from fovea.serve._state import HTTPProblem, ModelFailed, ServerState
+from fovea.store import Store, fingerprint, stored_predictions
+
+log = logging.getLogger("fovea.serve")
+
+# (images uint8 (N, 3, S, S), indexes decoded, (index, reason) for the rest, image statistics (N, 9) or None)
+Decoded = tuple[torch.Tensor, list[int], list[tuple[int, str]], np.ndarray | None]
+
+
+def decode_files(model: Any, blobs: list[bytes], max_pixels: int, stats: bool = True) -> Decoded:
+    """Decode and resize with the model's preprocessing; with ``stats``, the image statistics of the kept images
+    for drift monitoring."""
+    from fovea.data import load_square
+    from fovea.monitor import header_size, image_stats
+
+    arrays, kept, bad = [], [], []
+    for i, blob in enumerate(blobs):
+        if not blob:
+            bad.append((i, "empty file"))
+            continue
+        try:
+            arrays.append(load_square(blob, model.image_size, max_pixels=max_pixels))
+            kept.append(i)
+        except ImageError as e:
+            bad.append((i, e.reason))
+    if not arrays:
+        return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad, np.zeros((0, 9))
+    x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
+    return x, kept, bad, image_stats(x, [header_size(blobs[i]) for i in kept]) if stats else None
+
+
+async def decode(state: ServerState, model: Any, blobs: list[bytes]) -> Decoded:
+    # A pool of its own, one thread per core: decoding on the 40 threads of the default pool gave glibc a
+    # malloc arena per thread, each keeping freed image buffers (resident memory grew through a soak).
+    return await asyncio.get_running_loop().run_in_executor(state.decoders, decode_files, model, blobs,
+                                                            state.config.max_pixels, state.config.log_predictions)
+
+
+def split(s: Served, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The forward pass returns probabilities and, where the model exposes it, the embedding, side by side."""
+    c = len(s.model.classes)
+    return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
+
+
+async def run_model(state: ServerState, s: Served, x: torch.Tensor) -> np.ndarray:
+    timeout = state.config.timeout_s
+    try:
+        return await asyncio.wait_for(s.batcher.submit(x), timeout)
+    except asyncio.TimeoutError as e:
+        raise HTTPProblem(504, f"no answer within {timeout:g} s") from e
+    except Exception as e:  # noqa: BLE001 - the model's own failure (a canary may fall back)
+        raise ModelFailed(f"{s.name}:{s.version} failed: {e}") from e
+
+
+async def predict_files(state: ServerState, s: Served, blobs: list[bytes]) -> tuple[
+        torch.Tensor, np.ndarray, list[int], list[tuple[int, str]], dict[str, Any]]:
+    """(decoded images, probabilities, indexes decoded, (index, reason) for the rest, what drift monitoring
+    keeps: embeddings and image statistics); ModelFailed if the model itself fails."""
+    x, kept, bad, stats = await decode(state, s.model, blobs)
+    if not kept:
+        reasons = "; ".join(f"#{i}: {r}" for i, r in bad)
+        raise HTTPProblem(422, f"not a usable image: {reasons}" if len(blobs) > 1 else f"not a usable image: {bad[0][1]}")
+    probs, emb = split(s, await run_model(state, s, x))
+    state.metrics.images.labels(str(s.version)).inc(len(kept))
+    return x, probs, kept, bad, {"embeddings": emb, "stats": stats}
+
+
+def record(state: ServerState, s: Served, request_id: str, blobs: list[bytes], kept: list[int],
+           probs: np.ndarray | None, latency_ms: float, client: str | None, role: str = "served",
+           deployment_id: int | None = None, error: str | None = None, seen: dict[str, Any] | None = None) -> None:
+    """Queue one row per image for the store (``probs`` None: the model failed on them, ``error`` says how;
+    ``seen``: embeddings and image statistics, row for row with ``kept``)."""
+    pl = state.log
+    if pl is None:
+        return
+    classes = s.model.classes
+    for k, i in enumerate(kept):
+        row: dict[str, Any] = {"request_id": request_id, "model_name": s.name, "model_version": s.version,
+                               "role": role, "deployment_id": deployment_id, "latency_ms": latency_ms,
+                               "fingerprint": fingerprint(blobs[i]), "client_id": client}
+        if probs is None:
+            row.update(label="", confidence=0.0, probabilities={}, error=error)
+        else:
+            p = probs[k]
+            j = int(p.argmax())
+            row.update(label=classes[j], confidence=float(p[j]),
+                       probabilities={c: float(v) for c, v in zip(classes, p)})
+        if seen is not None:
+            if seen.get("embeddings") is not None:
+                row["embedding"] = np.asarray(seen["embeddings"][k], "<f4").tobytes()
+            if seen.get("stats") is not None and k < len(seen["stats"]):
+                row["image_stats"] = [round(float(v), 5) for v in seen["stats"][k]]
+        pl.put(row)
+    state.metrics.log_dropped.set(pl.dropped)
+
+
+def in_background(state: ServerState, route: Route, blobs: list[bytes], x: torch.Tensor, kept: list[int],
+                  request_id: str, client: str | None) -> None:
+    """The shadow (or a canary's production reference) sees the same images; nobody waits for it."""
+    b = route.background
+    assert b is not None
+
+    async def work() -> None:
+        start = time.perf_counter()
+        xb, kept_b = x, kept
+        try:
+            if b.model.image_size != route.answer.model.image_size:
+                xb, kept_b, _, _ = await decode(state, b.model, blobs)
+            probs, _ = split(b, await run_model(state, b, xb))
+            record(state, b, request_id, blobs, kept_b, probs, (time.perf_counter() - start) * 1000, client,
+                   route.background_role, route.deployment_id)
+            outcome = "ok"
+        except (ModelFailed, HTTPProblem) as e:
+            record(state, b, request_id, blobs, kept_b, None, (time.perf_counter() - start) * 1000, client,
+                   route.background_role, route.deployment_id, error=str(e))
+            outcome = "error"
+        state.metrics.background.labels(route.background_role, str(b.version), outcome).inc()
+
+    state.spawn(work())
+
+
+def to_review(state: ServerState, s: Served, request_id: str, unsure: list[tuple[bytes, np.ndarray]]) -> None:
+    """Queue unsure answers for people to label, in the background."""
+    store = state.store
+    assert store is not None
+
+    def save() -> None:
+        for blob, p in unsure:
+            review.enqueue(store, s.name, s.version, request_id, blob, {c: float(v) for c, v in zip(s.model.classes, p)})
+
+    state.spawn(run_in_threadpool(save))
+
+
+def check_explainable(s: Served, method: str) -> None:
+    from fovea.explain import METHODS
+
+    if method not in METHODS:
+        raise HTTPProblem(422, f"explain={method!r}: choose one of {', '.join(METHODS)}")
+    if not hasattr(s.model, "net"):
+        raise HTTPProblem(422, f"{s.name}:{s.version} cannot be explained here: overlays need one PyTorch "
+                               "network (not ONNX Runtime, torch.export or an ensemble)")
+
+
+def overlays(s: Served, x: torch.Tensor, method: str) -> list[str]:
+    """Grad-CAM (or another method) over each image, as PNG data URLs; runs on the inference thread."""
+    import io
+
+    from PIL import Image
+
+    from fovea.explain import explain, overlay
+
+    e = explain(s.model, x, method=method)
+    urls = []
+    for img, heat in zip(x.permute(0, 2, 3, 1).numpy(), e.maps):
+        buf = io.BytesIO()
+        Image.fromarray(overlay(img, heat)).save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
+async def answer(state: ServerState, route: Route, blobs: list[bytes], request_id: str, client: str | None,
+                 start: float, all_or_nothing: bool = False) -> tuple[Route, torch.Tensor, np.ndarray, list[int],
+                                                                      list[tuple[int, str]]]:
+    """Image files answered as the roll-out routes them: a failing canary falls back to production, the
+    shadow or reference sees the same images in the background, every answer is logged, unsure ones go to
+    review. Returns the route that answered, the images, probabilities, indexes decoded and the rest
+    (``all_or_nothing``: one unusable file fails the request, and nothing is logged)."""
+    s = route.answer
+    try:
+        x, probs, kept, bad, seen = await predict_files(state, s, blobs)
+    except ModelFailed as e:
+        if route.fallback is None:
+            raise HTTPProblem(500, str(e)) from e
+        log.warning("%s; answered by %s:%s instead", e, route.fallback.name, route.fallback.version)
+        _, kept_e, _, _ = await decode(state, s.model, blobs)
+        record(state, s, request_id, blobs, kept_e, None, (time.perf_counter() - start) * 1000, client,
+               deployment_id=route.deployment_id, error=str(e))
+        route = Route(route.fallback, route.deployment_id)
+        s = route.answer
+        x, probs, kept, bad, seen = await predict_files(state, s, blobs)
+    if bad and all_or_nothing:
+        raise HTTPProblem(422, "; ".join(f"#{i}: {r}" for i, r in bad))
+    if route.background is not None:
+        in_background(state, route, blobs, x, kept, request_id, client)
+    record(state, s, request_id, blobs, kept, probs, (time.perf_counter() - start) * 1000, client,
+           deployment_id=route.deployment_id, seen=seen)
+    unsure = [(blobs[k], p) for k, p in zip(kept, probs) if float(p.max()) < state.config.review_below]
+    if unsure and state.store is not None:
+        to_review(state, s, request_id, unsure)
+    return route, x, probs, kept, bad
+
+
+def _stored_answers(store: Store, s: Served, blobs: list[bytes]) -> dict[int, dict[str, float]]:
+    """{index: probabilities} for the images a batch job already predicted with this model version."""
+    prints = [fingerprint(b) for b in blobs]
+    found = stored_predictions(store, name=s.name, version=s.version, fingerprints=prints)
+    return {i: dict(found[f]) for i, f in enumerate(prints) if f in found}
+
+
+async def predict(state: ServerState, route: Route, blobs: list[bytes], *, request_id: str, client: str | None,
+                  start: float, explain: str | None) -> dict[str, Any]:
+    """The /v1/predict answer: one entry per file (a prediction, or ``{"error": reason}``)."""
+    config, s = state.config, route.answer
+    results: list[dict[str, Any]] = [{} for _ in blobs]
+    online = list(range(len(blobs)))
+    if config.hybrid and explain is None:  # precomputed by `fovea batch` with this very version: no inference
+        assert state.store is not None  # --hybrid opens the store
+        stored = await run_in_threadpool(_stored_answers, state.store, s, blobs)
+        for i, probabilities in stored.items():
+            label = max(probabilities, key=lambda c: probabilities[c])
+            results[i] = {"label": label, "probability": probabilities[label], "probabilities": probabilities,
+                          "source": "batch"}
+        online = [i for i in online if i not in stored]
+        state.metrics.hybrid_hits.labels(str(s.version)).inc(len(stored))
+    probs, kept, bad, x = np.zeros((0, len(s.model.classes))), [], [], None
+    if online:
+        route, x, probs, kept_o, bad_o = await answer(state, route, [blobs[i] for i in online], request_id, client,
+                                                      start)
+        s = route.answer
+        kept, bad = [online[k] for k in kept_o], [(online[k], r) for k, r in bad_o]
+    latency_ms = (time.perf_counter() - start) * 1000
+    for i, p in zip(kept, probs):
+        j = int(p.argmax())
+        results[i] = {"label": s.model.classes[j], "probability": float(p[j]),
+                      "probabilities": {c: float(v) for c, v in zip(s.model.classes, p)}}
+        if config.hybrid:
+            results[i]["source"] = "online"
+    if explain is not None and x is not None:
+        urls = await asyncio.get_running_loop().run_in_executor(state.fleet.executor, overlays, s, x, explain)
+        for i, url in zip(kept, urls):
+            results[i]["overlay"] = url
+    for i, reason in bad:
+        results[i] = {"error": reason}
+    body: dict[str, Any] = {"request_id": request_id, "model": s.name, "model_version": s.version,
+                            "predictions": results, "latency_ms": round(latency_ms, 3)}
+    if route.deployment_id is not None:
+        body["deployment_id"] = route.deployment_id
+    if len(blobs) == 1:
+        body.update(results[0])
+    return body
+
+
+async def infer(state: ServerState, route: Route, inp: bodies.InferInput, *, client: str | None,
+                start: float) -> dict[str, Any]:
+    """The Open Inference Protocol answer: the probabilities (N, C) and the labels, as two output tensors."""
+    s = route.answer
+    size = s.model.image_size
+    if inp.datatype == "UINT8":  # decoded pixels: answered, not logged (no file to fingerprint) nor shadowed
+        x = bodies.pixels(inp, size, state.config.max_images)
+        try:
+            probs, _ = split(s, await run_model(state, s, x))
+        except ModelFailed as e:
+            if route.fallback is None or route.fallback.model.image_size != size:
+                raise HTTPProblem(500, str(e)) from e
+            s = route.fallback
+            probs, _ = split(s, await run_model(state, s, x))
+    elif inp.datatype == "BYTES":
+        blobs = bodies.files(inp, state.config.max_images)
+        # OIP answers one tensor: every input has a row, or the request fails
+        route, _, probs, _, _ = await answer(state, route, blobs, inp.id, client, start, all_or_nothing=True)
+        s = route.answer
+    else:
+        raise HTTPProblem(422, f"datatype {inp.datatype!r} not supported: UINT8 (decoded images) or BYTES (image files)")
+    labels = [s.model.classes[int(p.argmax())] for p in probs]
+    return {"model_name": s.name, "model_version": str(s.version), "id": inp.id,
+            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [len(probs), len(s.model.classes)],
+                         "data": [float(v) for v in np.asarray(probs).ravel()]},
+                        {"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels}]}
