@@ -75,6 +75,15 @@ def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     return int(e.value.code or 0), out.out, out.err
 
 
+def missing_system_package(what: str) -> None:
+    """A test needs a system package that is not installed: skipped with the reason, or failed under
+    FOVEA_REQUIRE_SYSTEM=1 (what .ci/run sets: CI must run every test). scripts/setup-dev installs them."""
+    message = f"{what} is not installed (scripts/setup-dev installs it as root or with sudo)"
+    if os.environ.get("FOVEA_REQUIRE_SYSTEM") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _postgres_bin(tool: str) -> str | None:
     import glob
 
@@ -89,7 +98,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a 
     The cluster listens on a Unix socket in a temporary folder only (no TCP port to collide with), trusts
     local connections, and is stopped at the end. As root, the server runs as the ``postgres`` user (it
     refuses to run as root). Without the PostgreSQL server binaries (Debian's ``postgresql`` package, which
-    .ci/run installs) the tests that need it are skipped with the reason.
+    scripts/setup-dev installs) the tests that need it are skipped with the reason.
     """
     import subprocess
 
@@ -99,7 +108,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a 
         return
     initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
     if not initdb or not pg_ctl:
-        pytest.skip("PostgreSQL server binaries not found (apt install postgresql, or set FOVEA_TEST_POSTGRES)")
+        missing_system_package("PostgreSQL (Debian's postgresql package; or set FOVEA_TEST_POSTGRES to a server)")
     root = tmp_path_factory.mktemp("postgres")
     data, sock = root / "data", root / "sock"
     sock.mkdir()

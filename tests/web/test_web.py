@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import train_cnn
+from conftest import missing_system_package, train_cnn
 
 import fovea
-from fovea import deploy, registry
+from fovea import deploy, model_registry
 from fovea.serve import ServeConfig, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -39,7 +39,7 @@ def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"Chromium is missing ({CHROMIUM}); .ci/run installs Debian's chromium package")
+        missing_system_package(f"Chromium ({CHROMIUM}, Debian's chromium package)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # root in CI containers
         yield b
@@ -92,7 +92,7 @@ def fits(page: Any) -> bool:
 def test_upload_an_image_and_see_its_label(run: Path, browser: Any, tiny_pets: Path, shots: Path) -> None:
     photo = sorted((tiny_pets / "val" / "dog").glob("*.jpg"))[0]
     expected = fovea.load(run, "cpu").predict([photo])[0][0].label
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
     with live(ServeConfig(model="pets", drift_every_s=0)) as base:
         page = page_of(browser, base)
         page.goto(base + "/#/predict")
@@ -119,7 +119,7 @@ def test_upload_an_image_and_see_its_label(run: Path, browser: Any, tiny_pets: P
 
 def test_correct_a_label_in_the_queue_with_the_keyboard(run: Path, browser: Any, pets_root: Path, shots: Path,
                                                         fovea_home: Path) -> None:
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
     photo = sorted((pets_root / "val" / "cat").glob("*.jpg"))[40]
     with live(ServeConfig(model="pets", review_below=1.0, drift_every_s=0)) as base:
         said = httpx.post(base + "/v1/predict", content=photo.read_bytes(), headers={"content-type": "image/jpeg"}).json()
@@ -147,8 +147,8 @@ def test_correct_a_label_in_the_queue_with_the_keyboard(run: Path, browser: Any,
 
 
 def test_start_and_roll_back_a_canary(run: Path, browser: Any, shots: Path) -> None:
-    registry.add(run, "pets")
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
+    model_registry.add(run, "pets")
     with live(ServeConfig(model="pets", admin_token="t0ken", drift_every_s=0)) as base:
         page = page_of(browser, base, token="t0ken")
         page.goto(base + "/#/deployments")
@@ -176,7 +176,7 @@ def test_start_and_roll_back_a_canary(run: Path, browser: Any, shots: Path) -> N
 def test_drift_page_charts_the_checks(run: Path, browser: Any, pets_root: Path, tmp_path: Path, shots: Path) -> None:
     from PIL import Image, ImageEnhance
 
-    registry.add(run, "pets")
+    model_registry.add(run, "pets")
     photos = [p for c in ("cat", "dog") for p in sorted((pets_root / "val" / c).glob("*.jpg"))[50:80]]
     with live(ServeConfig(model="pets", drift_every_s=0, drift_window=60)) as base:
         page = page_of(browser, base)
