@@ -36,10 +36,12 @@ def evaluate(run: str | Path, data: str | Path, *, device: str = "auto", report:
                          "the diagnosis needs it")
     if report is not None:
         from fovea.explain import looks_at
+        from fovea.runtime import Network, TorchModel
 
-        prepared = model.prepare(images.images) if hasattr(model, "prepare") else images.images  # --preprocess
-        looks = looks_at(getattr(model, "net", None), prepared, images.labels.numpy(), probs, model.classes,
-                         images.paths, mean=getattr(model, "mean", ()), std=getattr(model, "std", ()))
+        prepared = model.prepare(images.images) if isinstance(model, Network) else images.images  # --preprocess
+        net = model.net if isinstance(model, TorchModel) else None  # Grad-CAM needs gradients: PyTorch only
+        looks = looks_at(net, prepared, images.labels.numpy(), probs, model.classes, images.paths,
+                         mean=getattr(model, "mean", ()), std=getattr(model, "std", ()))
         write_report(report, title=f"Evaluation of {Path(run).name} on {Path(data).name}", meta=model.meta,
                      metrics=m, quarantined=skipped, explanations=looks)
     return m

@@ -226,12 +226,18 @@ def _net_maps(net: nn.Module, images: torch.Tensor, targets: Sequence[int], *, m
 
 
 def single_model(model: Any) -> TorchModel:
-    """The one network of a loaded artifact; an ensemble is several and is refused."""
-    if not hasattr(model, "net"):
-        members = len(getattr(model, "members", []))
-        raise FoveaError(f"{model.path} is an ensemble of {members} models; explain one member at a time "
+    """The one PyTorch network of a loaded artifact: an ensemble (several) and an ONNX Runtime or torch.export
+    artifact (no gradients) are refused with what to do instead."""
+    from fovea.runtime import Ensemble, TorchModel
+
+    if isinstance(model, TorchModel):
+        return model
+    if isinstance(model, Ensemble):
+        raise FoveaError(f"{model.path} is an ensemble of {len(model.members)} models; explain one member at a time "
                          f"(its folders are under {model.path}/members)")
-    return model  # type: ignore[no-any-return]
+    runtime = (model.meta.get("compression") or {}).get("runtime", "?")
+    raise FoveaError(f"{model.path} runs in {runtime}, which gives no gradients; explain the PyTorch run it was "
+                     "compressed from")
 
 
 def explain(model: TorchModel, images: torch.Tensor, *, method: str = "gradcam", target: int | str | None = None,

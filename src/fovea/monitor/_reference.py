@@ -48,10 +48,7 @@ def observe(model: Any, images: torch.Tensor, sizes: Sequence[tuple[int, int]], 
     probs, embs = [], []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size]
-        if hasattr(model, "predict_proba_embed"):
-            p, e = model.predict_proba_embed(x)
-        else:
-            p, e = model.predict_proba(x), None
+        p, e = model.predict_proba_embed(x)  # e is None where the runtime exposes no embedding
         probs.append(p)
         embs.append(e)
     c = len(model.classes)

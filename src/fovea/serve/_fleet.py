@@ -56,10 +56,7 @@ def _forward(model: Any) -> Any:
     """uint8 images -> probabilities (N, C), followed by the penultimate embedding (N, D) where the model has one
     (kept for drift monitoring; the server splits the columns)."""
     def forward(x: torch.Tensor) -> np.ndarray:
-        if hasattr(model, "predict_proba_embed"):
-            probs, emb = model.predict_proba_embed(x)
-        else:
-            probs, emb = model.predict_proba(x), None
+        probs, emb = model.predict_proba_embed(x)  # embedding None where the runtime exposes none
         probs = np.asarray(probs, np.float32)
         if not np.isfinite(probs).all():  # a broken model must fail loudly, not answer NaN
             raise FoveaError("the model produced non-finite probabilities")

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fovea import review
 from fovea.errors import ImageError
+from fovea.runtime import TorchModel
 from fovea.serve import _bodies as bodies
 from fovea.serve._fleet import Route, Served
 from fovea.serve._state import HTTPProblem, ModelFailed, ServerState
@@ -162,7 +163,7 @@ def check_explainable(s: Served, method: str) -> None:
 
     if method not in METHODS:
         raise HTTPProblem(422, f"explain={method!r}: choose one of {', '.join(METHODS)}")
-    if not hasattr(s.model, "net"):
+    if not isinstance(s.model, TorchModel):
         raise HTTPProblem(422, f"{s.name}:{s.version} cannot be explained here: overlays need one PyTorch "
                                "network (not ONNX Runtime, torch.export or an ensemble)")
 

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from fovea import deploy, model_registry
 from fovea.errors import FoveaError
+from fovea.runtime import TorchModel
 from fovea.serve import _drift as drift
 from fovea.serve._deps import ServedDep, StateDep, ViewerStoreDep, get_viewer_store
 from fovea.serve._state import HTTPProblem
@@ -37,7 +38,7 @@ async def static_file(name: str) -> Response:
 async def about(state: StateDep, s: ServedDep) -> dict[str, Any]:
     config = state.config
     return {"model": s.name, "version": s.version, "classes": s.model.classes,
-            "explainable": hasattr(s.model, "net"), "review_below": config.review_below,
+            "explainable": isinstance(s.model, TorchModel), "review_below": config.review_below,
             "consensus": config.consensus, "token_required": bool(config.admin_token),
             "follows_deployments": bool(state.fleet.follows)}
 
