@@ -80,7 +80,7 @@ def test_predict_json_lines(trained: tuple[Path, subprocess.CompletedProcess[str
     assert [d["path"] for d in lines] == files
     for d in lines:
         assert {"path", "label", "probability", "probabilities"} <= set(d)
-        assert d["label"] in ("cat", "dog")
+        assert d["label"] in ("cat", "dog", "unknown")  # "unknown": none of the classes (over its threshold)
         assert set(d["probabilities"]) == {"cat", "dog"}
         assert sum(d["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert d["probability"] == pytest.approx(max(d["probabilities"].values()))

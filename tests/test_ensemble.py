@@ -104,7 +104,8 @@ def test_probabilities_are_the_mean_of_the_members(ens: tuple[Path, str], runs: 
     preds, skipped = model.predict(files)
     assert skipped == [] and [p.path for p in preds] == [str(f) for f in files]
     for p, row in zip(preds, probs):
-        assert p.label == model.classes[int(row.argmax())] and p.probability == pytest.approx(row.max(), abs=1e-6)
+        top = p.class_otherwise if p.unknown else p.label  # "unknown" when the ensemble's score is over its threshold
+        assert top == model.classes[int(row.argmax())] and p.probability == pytest.approx(row.max(), abs=1e-6)
 
 
 def test_members_of_one_size_are_averaged_exactly(runs: list[Path], tiny_pets: Path, tmp_path: Path) -> None:
@@ -132,7 +133,7 @@ def test_cli_predict_and_evaluate_without_the_original_runs(ens: tuple[Path, str
     assert done.exit_code == 0, done.output
     lines = [json.loads(line) for line in done.output.splitlines() if line.startswith("{")]
     assert [d["path"] for d in lines] == files
-    assert all(d["label"] in ("cat", "dog") and sum(d["probabilities"].values()) == pytest.approx(1) for d in lines)
+    assert all(d["label"] in ("cat", "dog", "unknown") and sum(d["probabilities"].values()) == pytest.approx(1) for d in lines)
 
     done = cli.invoke(app, ["evaluate", str(out), str(tiny_pets), "--json", "--device", "cpu"])
     assert done.exit_code == 0, done.output

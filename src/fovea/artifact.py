@@ -30,9 +30,10 @@ ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
 REFERENCE = "reference.npz"  # what validation looked like to the model (fovea.monitor)
 REPORT = "report.html"
+UNKNOWN_FILE = "unknown.safetensors"  # the fitted unknown-image score (fovea.runtime.unknown)
 MEMBERS = "members"  # an ensemble's copies of its members
 # What a registered version copies: the artifact's own files, not checkpoints or compressed siblings.
-FILES = (META, WEIGHTS, ONNX_FILE, PT2_FILE, REFERENCE, REPORT)
+FILES = (META, WEIGHTS, ONNX_FILE, PT2_FILE, REFERENCE, REPORT, UNKNOWN_FILE)
 
 
 def versions() -> dict[str, str]:

@@ -5,7 +5,7 @@
 
     OUT/model.json            format "fovea.model", with "ensemble": {"members": [...], "combine": ...},
                               classes, preprocessing (the input size), metrics when --data was given
-    OUT/members/00/           a copy of each member's model.safetensors + model.json
+    OUT/members/00/           a copy of each member's model.safetensors + model.json (+ unknown.safetensors)
     OUT/members/01/ ...
 
 The folder is self-contained: deleting the original runs leaves it working. A member that already sits
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fovea.artifact import MEMBERS, META, WEIGHTS, read_meta, write_meta
+from fovea.artifact import MEMBERS, META, UNKNOWN_FILE, WEIGHTS, read_meta, write_meta
 from fovea.errors import FoveaError
 from fovea.runtime import TorchModel
 
@@ -112,8 +112,9 @@ def make_ensemble(runs: Sequence[str | Path], out: str | Path, data: str | Path 
             continue
         dst = out / MEMBERS / f"{i:02d}"
         dst.mkdir(parents=True)
-        for name in (WEIGHTS, META):
-            shutil.copy2(p / name, dst / name)
+        for name in (WEIGHTS, META, UNKNOWN_FILE):  # the member's unknown score goes with it, where it has one
+            if name != UNKNOWN_FILE or (p / name).exists():
+                shutil.copy2(p / name, dst / name)
         rels.append(dst.relative_to(out).as_posix())
     sizes = [int(m["preprocessing"]["image_size"]) for m in metas]
     largest = metas[sizes.index(max(sizes))]["preprocessing"]
@@ -137,12 +138,31 @@ def make_ensemble(runs: Sequence[str | Path], out: str | Path, data: str | Path 
 
     if data is not None:
         try:
+            _calibrate_unknown(out, data, paths)
             meta["metrics"] = _evaluate_all(out, rels, paths, sizes, data, progress)
         except FoveaError as e:  # the model is written and usable; say so rather than leave the user guessing
             raise FoveaError(f"the ensemble is written to {out}, but evaluating it on {data} failed: {e}. "
                              f"Fix the data and run: fovea evaluate {out} DATA") from e
+        meta = {**read_meta(out), "metrics": meta["metrics"]}  # with the "unknown" entry, if calibrated
         write_meta(out, meta)
     return out
+
+
+def _calibrate_unknown(out: Path, data: str | Path, members: Sequence[Path]) -> None:
+    """The ensemble answers "unknown" when every member can: a threshold on the mean of their standardised scores,
+    calibrated on ``data``'s validation split (no member was fitted on it)."""
+    from fovea.data import discover, load_images
+    from fovea.runtime import calibrate_ensemble, load
+
+    if not all(load(m, "cpu").answers_unknown for m in members):
+        log.info("not every member answers 'unknown' (fovea calibrate-unknown fits them): the ensemble is closed-set")
+        return
+    val = discover(data).splits.get("val", [])
+    images = load_images(val, load(out, "cpu", unknown=False).image_size, progress=False)
+    if len(images) < 20:
+        log.info("fewer than 20 validation images in %s: the ensemble's unknown threshold is not calibrated", data)
+        return
+    calibrate_ensemble(out, images.images)
 
 
 def _evaluate_all(out: Path, rels: Sequence[str], paths: Sequence[Path], sizes: Sequence[int],

@@ -183,12 +183,12 @@ def verify(v: Version) -> None:
         raise FoveaError(f"{v.ref}: the files in {folder} changed since they were registered (digest mismatch)")
 
 
-def open_version(v: Version, device: str = "auto") -> Any:
-    """Load a registered version after checking its files are the ones registered."""
+def open_version(v: Version, device: str = "auto", unknown: bool = True) -> Any:
+    """Load a registered version after checking its files are the ones registered (``unknown=False``: closed-set)."""
     from fovea.runtime import load
 
     verify(v)
-    return load(Path(v.path), device)
+    return load(Path(v.path), device, unknown=unknown)
 
 
 @dataclass
@@ -215,12 +215,13 @@ def locate(ref: str, *, store: Store | None = None, db: str | None = None) -> Lo
     return Located(v.name, v.version, Path(v.path), v)
 
 
-def open_model(ref: str, device: str = "auto", store: Store | None = None) -> tuple[str, int, Any, str]:
+def open_model(ref: str, device: str = "auto", store: Store | None = None,
+               unknown: bool = True) -> tuple[str, int, Any, str]:
     """(name, version, loaded model, digest) for a model folder (version 0) or a registry reference; a registered
     version's files are checked against its digest first."""
     from fovea.runtime import load
 
     where = locate(ref, store=store)
     if where.registered is not None:
-        return where.name, where.version, open_version(where.registered, device), where.registered.digest
-    return where.name, 0, load(where.path, device), ""
+        return where.name, where.version, open_version(where.registered, device, unknown), where.registered.digest
+    return where.name, 0, load(where.path, device, unknown=unknown), ""

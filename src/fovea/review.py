@@ -14,6 +14,7 @@ images become training data for the next version.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 from collections import Counter
 from datetime import datetime, timezone
@@ -27,6 +28,8 @@ from fovea._home import home
 from fovea.errors import FoveaError
 from fovea.store import Feedback, Review, Store, Vote
 from fovea.store import fingerprint as fingerprint_of  # sha256 hex; `fingerprint` names the value here
+
+NEW_CLASS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}")  # a class a reviewer names: a safe folder name
 
 
 def queue_dir(name: str) -> Path:
@@ -48,8 +51,13 @@ def _extension(blob: bytes) -> str:
         return ".img"
 
 
-def enqueue(store: Store, name: str, version: int, request_id: str, blob: bytes, probabilities: dict[str, float]) -> int | None:
-    """Queue an upload for review; its id, or None when the same image is already queued for this model."""
+def enqueue(store: Store, name: str, version: int, request_id: str, blob: bytes, probabilities: dict[str, float],
+            *, unknown: bool = False) -> int | None:
+    """Queue an upload for review; its id, or None when the same image is already queued for this model.
+
+    ``unknown``: the model answered "unknown" (none of its classes): queued with that as its prediction, so
+    reviewers see it for what it is; they may name one of the classes, none, or a new class.
+    """
     fingerprint = fingerprint_of(blob)
     folder = queue_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,11 +66,12 @@ def enqueue(store: Store, name: str, version: int, request_id: str, blob: bytes,
         tmp = path.with_suffix(path.suffix + ".part")
         tmp.write_bytes(blob)
         tmp.replace(path)  # never a half-written image in the queue
-    predicted = max(probabilities, key=lambda c: probabilities[c])
+    top = max(probabilities, key=lambda c: probabilities[c])
+    predicted = "unknown" if unknown else top
     try:
         with store.session() as s:
             row = Review(model_name=name, model_version=version, request_id=request_id, fingerprint=fingerprint,
-                         path=str(path), predicted=predicted, confidence=float(probabilities[predicted]),
+                         path=str(path), predicted=predicted, confidence=float(probabilities[top]),
                          probabilities=probabilities)
             s.add(row)
             s.flush()
@@ -95,10 +104,21 @@ def get(store: Store, review_id: int) -> Review:
     return row
 
 
-def vote(store: Store, review_id: int, label: str, reviewer: str, classes: list[str], consensus: int = 1) -> dict[str, Any]:
-    """Record ``reviewer``'s label; decide the review once ``consensus`` reviewers agree."""
+def vote(store: Store, review_id: int, label: str, reviewer: str, classes: list[str], consensus: int = 1, *,
+         new_class: bool = False) -> dict[str, Any]:
+    """Record ``reviewer``'s label; decide the review once ``consensus`` reviewers agree.
+
+    ``label`` is one of ``classes``, "" for none of them, or with ``new_class`` a class the model does not have
+    yet: agreed on, the image lands in ``labelled/NAME/LABEL/`` like any other, and the next ``fovea train
+    --from-store NAME`` learns the new class.
+    """
     if label and label not in classes:
-        raise FoveaError(f"label {label!r} is not one of {classes} (or '' for none of them)")
+        if not new_class:
+            raise FoveaError(f"label {label!r} is not one of {classes} (or '' for none of them; to name a class the "
+                             "model does not have yet, send new_class: true)")
+        if not NEW_CLASS.fullmatch(label) or label == "unknown":
+            raise FoveaError(f"{label!r} cannot be a class name (a folder name: letters, digits, '.', '_', '-', up "
+                             "to 100, not 'unknown')")
     if not reviewer.strip():
         raise FoveaError("a vote needs a reviewer name")
     with store.session() as s:

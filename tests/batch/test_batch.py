@@ -58,7 +58,7 @@ def test_every_image_once_and_a_rerun_adds_nothing(run: Path, photos: Path, tmp_
     again = run_batch(str(run), photos, db=url, progress=False)
     assert (again.job, again.predicted, again.already_done) == (r.job, 0, 360)
     table = pq.read_table(tmp_path / "out.parquet")
-    assert table.num_rows == 360 and set(table.column("label").to_pylist()) <= {"cat", "dog"}
+    assert table.num_rows == 360 and set(table.column("label").to_pylist()) <= {"cat", "dog", "unknown"}
 
 
 def test_kill_9_then_resume_loses_and_duplicates_nothing(run: Path, photos: Path, tmp_path: Path) -> None:

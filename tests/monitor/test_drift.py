@@ -138,7 +138,7 @@ def test_served_traffic_feedback_and_the_drift_command(run: Path, windows: list[
         ids = []
         for p in windows[3]:
             r = c.post("/v1/predict", content=p.read_bytes(), headers={"content-type": "image/jpeg"})
-            ids.append((r.json()["request_id"], r.json()["label"]))
+            ids.append((r.json()["request_id"], r.json().get("class_otherwise") or r.json()["label"]))  # the top class
         time.sleep(0.5)  # the prediction log writes in the background
         for request_id, label in ids:  # every answer corrected to the other class: the model is now always wrong
             wrong = {"cat": "dog", "dog": "cat"}[label]
@@ -347,3 +347,32 @@ def test_the_label_test_with_more_classes_keeps_its_level() -> None:
     assert alarms < NULL_BOUND
     p, _, method = label_shift_test(rng.choice(3, 200, p=shares), rng.choice(3, 40, p=[0.2, 0.3, 0.5]), 3)
     assert p < 0.01 and "Monte-Carlo" in method
+
+
+def test_the_unknown_rate_family_keeps_its_level_and_flags_a_flood_of_unknowns() -> None:
+    """Reference: 200 validation images whose threshold keeps 95 % of them (as training sets it); windows of 40.
+    A valid test flags at most 5 % of normal windows: 32 or more of 300 has probability 5.4e-5 at 5 %."""
+    from fovea.monitor._drift import _unknown_rate
+
+    rng = np.random.default_rng(0)
+
+    def sample(scores: np.ndarray) -> Observations:
+        n = len(scores)
+        return Observations(np.full((n, 2), 0.5, np.float32), np.zeros((n, len(STATS)), np.float32),
+                            unknown_scores=scores.astype(np.float32))
+
+    flagged = 0
+    for _ in range(300):
+        ref = rng.normal(size=200)
+        threshold = float(np.quantile(ref, 0.95))
+        test = _unknown_rate(sample(ref), sample(rng.normal(size=40)), threshold)
+        assert not isinstance(test, str)
+        flagged += test.p_value < 0.05
+    assert flagged < 32, flagged
+    ref = rng.normal(size=200)
+    threshold = float(np.quantile(ref, 0.95))
+    flood = np.concatenate([rng.normal(size=20), rng.normal(5, 1, size=20)])  # half the window unlike the classes
+    result = detect(sample(ref), sample(flood), ["cat", "dog"], unknown_threshold=threshold)
+    assert "unknown_rate" in result.flagged() and result.family("unknown_rate").detail["window"] >= 0.5  # type: ignore[union-attr]
+    closed = detect(sample(ref), sample(flood), ["cat", "dog"])  # a closed-set model: no such family
+    assert closed.family("unknown_rate") is None

@@ -111,7 +111,7 @@ def test_open_inference_protocol_v2(run: Path, photos: list[Path]) -> None:
         req = {"inputs": [{"name": "image_files", "shape": [2], "datatype": "BYTES",
                            "data": [base64.b64encode(p.read_bytes()).decode() for p in photos[:2]]}]}
         labels = c.post("/v2/models/cnn/infer", json=req).json()["outputs"][1]["data"]
-        assert labels == [model.classes[int(i)] for i in model.predict_proba(x).argmax(1)]
+        assert labels == [p.label for p in model.predict(photos[:2])[0]]  # a class, or "unknown" over the threshold
         bad = {"inputs": [{"name": "images", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": [0] * 192}]}
         assert c.post("/v2/models/cnn/infer", json=bad).status_code == 422
         assert c.post("/v2/models/other/infer", json=req).status_code == 404
@@ -186,11 +186,14 @@ def test_hybrid_answers_from_batch_predictions_and_falls_back_to_online(run: Pat
     (folder / photos[0].name).write_bytes(photos[0].read_bytes())
     job = run_batch(str(run), folder, progress=False).job
     with Store().session() as s:  # mark the stored answer, to see that it is the one served
-        s.execute(update(PredictionRecord).where(PredictionRecord.job == job).values(probabilities={"cat": 0.123, "dog": 0.877}))
+        s.execute(update(PredictionRecord).where(PredictionRecord.job == job).values(
+            probabilities={"cat": 0.123, "dog": 0.877}, unknown_score=-1e30))  # and surely one of the classes
     with client(run, hybrid=True, log_predictions=False) as c:
         files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos[:2]]
         preds = c.post("/v1/predict", files=files).json()["predictions"]
-        assert preds[0] == {"label": "dog", "probability": 0.877, "probabilities": {"cat": 0.123, "dog": 0.877},
+        answered = {k: preds[0][k] for k in ("label", "probability", "probabilities", "source")}
+        assert answered == {"label": "dog", "probability": 0.877, "probabilities": {"cat": 0.123, "dog": 0.877},
                             "source": "batch"}
+        assert preds[0]["unknown"] is False  # the stored unknown score answers too (under the threshold here)
         assert preds[1]["source"] == "online" and abs(sum(preds[1]["probabilities"].values()) - 1) < 1e-5
         assert 'fovea_hybrid_hits_total{model_version="0"} 1.0' in c.get("/metrics").text

@@ -38,7 +38,7 @@ def alembic_revision(store: Store) -> str | None:
 def test_a_new_sqlite_store_is_migrated_to_the_schema_of_the_code(fovea_home: Path) -> None:
     store = Store()
     assert store.url == f"sqlite:///{fovea_home / 'fovea.db'}" and (fovea_home / "fovea.db").exists()
-    assert alembic_revision(store) == "0004"
+    assert alembic_revision(store) == "0005"
     assert schema_differences(store) == []  # the migration creates exactly what the models describe
     Store()  # opening again is a no-op, not an error
 
@@ -46,7 +46,7 @@ def test_a_new_sqlite_store_is_migrated_to_the_schema_of_the_code(fovea_home: Pa
 def test_postgresql_store_is_migrated_and_holds_the_registry(postgres_url: str, run: Path) -> None:
     store = Store(postgres_url)
     assert store.engine.dialect.name == "postgresql"
-    assert alembic_revision(store) == "0004" and schema_differences(store) == []
+    assert alembic_revision(store) == "0005" and schema_differences(store) == []
     v = model_registry.add(run, "pg-pets", alias="production", store=store)
     again = model_registry.add(run, "pg-pets", store=store)
     assert (v.version, again.version) == (1, 2)
@@ -60,7 +60,8 @@ def test_add_makes_versions_copies_files_and_moves_aliases(run: Path, fovea_home
     v2 = model_registry.add(copy, "pets", alias="candidate")
     assert (v1.version, v2.version) == (1, 2) and v2.aliases == ["candidate"]
     assert Path(v1.path) == fovea_home / "models" / "pets" / "1"
-    assert sorted(p.name for p in Path(v1.path).iterdir()) == ["model.json", "model.safetensors", "reference.npz", "report.html"]  # no checkpoints
+    assert sorted(p.name for p in Path(v1.path).iterdir()) == ["model.json", "model.safetensors", "reference.npz", "report.html",
+                                                               "unknown.safetensors"]  # no checkpoints
     assert model_registry.resolve("pets").version == 1  # the first version became production; adding more does not move it
     assert model_registry.versions("pets")[0].aliases == ["production"] and model_registry.resolve("pets:candidate").version == 2
     model_registry.set_alias("pets", 2, "production")  # an alias moves, it is not duplicated
@@ -122,6 +123,6 @@ def test_a_database_at_the_first_schema_upgrades_with_its_rows(tmp_path: Path) -
                           "interval_s, thresholds, created, updated) VALUES (1, 'm', 'shadow', 'stopped', 1, 0, '[]', "
                           "0, 60, '{}', '2026-01-01', '2026-01-01')"))
     store = Store(url)
-    assert alembic_revision(store) == "0004" and schema_differences(store) == []
+    assert alembic_revision(store) == "0005" and schema_differences(store) == []
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT step_started IS NOT NULL FROM deployments")).scalar() == 1

@@ -111,18 +111,19 @@ def _insert(store: Store, rows: list[dict[str, Any]]) -> None:
         s.execute(insert(PredictionRecord).on_conflict_do_nothing(index_elements=["job", "input_key"]), rows)
 
 
-# (input key, label, probabilities, fingerprint, milliseconds per image)
-Predicted = tuple[str, str, dict[str, float], str, float]
+# (input key, label ("unknown" over the model's threshold), probabilities, fingerprint, milliseconds per image,
+# unknown score: None for a closed-set model)
+Predicted = tuple[str, str, dict[str, float], str, float, float | None]
 # (inputs handled, predicted, (key, reason) unreadable)
 Chunk = tuple[int, list[Predicted], list[tuple[str, str]]]
 
 
 def _row(job: str, name: str, version: int, key: str, label: str, probabilities: dict[str, float],
-         fingerprint: str, ms: float) -> dict[str, Any]:
+         fingerprint: str, ms: float, unknown_score: float | None) -> dict[str, Any]:
     return {"request_id": hashlib.sha256(f"{job}\0{key}".encode()).hexdigest()[:32], "model_name": name,
-            "model_version": version, "label": label, "confidence": probabilities[label], "latency_ms": ms,
+            "model_version": version, "label": label, "confidence": max(probabilities.values()), "latency_ms": ms,
             "fingerprint": fingerprint, "probabilities": probabilities, "source": "batch", "job": job,
-            "input_key": key, "role": "served"}
+            "input_key": key, "role": "served", "unknown_score": unknown_score}
 
 
 def _predict(model: Any, decoded: list[tuple[str, np.ndarray | None, str, str]]) -> Chunk:
@@ -133,11 +134,10 @@ def _predict(model: Any, decoded: list[tuple[str, np.ndarray | None, str, str]])
     if ok:
         x = torch.from_numpy(np.stack([a for _, a, _ in ok]).transpose(0, 3, 1, 2).copy())
         t0 = time.perf_counter()
-        probs = model.predict_proba(x)
+        preds = model.predictions([k for k, _, _ in ok], model.outputs(x))
         ms = (time.perf_counter() - t0) * 1000 / len(ok)
-        for (key, _, fingerprint), p in zip(ok, probs):
-            out.append((key, model.classes[int(p.argmax())], {c: float(v) for c, v in zip(model.classes, p)},
-                        fingerprint, ms))
+        for (key, _, fingerprint), p in zip(ok, preds):
+            out.append((key, p.label, p.probabilities, fingerprint, ms, p.unknown_score))
     return len(decoded), out, unreadable
 
 
@@ -151,10 +151,10 @@ def _local_chunks(model: Any, todo: list[tuple[str, Path]], *, batch_size: int, 
 class RayPredictor:
     """A Ray Data actor: loads the model once, then decodes and predicts one batch of paths per call."""
 
-    def __init__(self, folder: str, device: str) -> None:
+    def __init__(self, folder: str, device: str, unknown: bool = True) -> None:
         from fovea.runtime import load
 
-        self.model = load(folder, device)
+        self.model = load(folder, device, unknown=unknown)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
@@ -164,14 +164,16 @@ class RayPredictor:
         keys = [k for k, *_ in ok] + [k for k, _ in unreadable]
         return {"key": np.array(keys, dtype=object),
                 "label": np.array([label for _, label, *_ in ok] + [""] * len(unreadable), dtype=object),
-                "probabilities": np.array([json.dumps(p) for _, _, p, _, _ in ok] + [""] * len(unreadable), dtype=object),
-                "fingerprint": np.array([f for *_, f, _ in ok] + [""] * len(unreadable), dtype=object),
-                "ms": np.array([ms for *_, ms in ok] + [0.0] * len(unreadable), dtype=np.float64),
+                "probabilities": np.array([json.dumps(p) for _, _, p, *_ in ok] + [""] * len(unreadable), dtype=object),
+                "fingerprint": np.array([f for _, _, _, f, _, _ in ok] + [""] * len(unreadable), dtype=object),
+                "ms": np.array([ms for *_, ms, _ in ok] + [0.0] * len(unreadable), dtype=np.float64),
+                "unknown": np.array([np.nan if u is None else u for *_, u in ok] + [np.nan] * len(unreadable),
+                                    dtype=np.float64),
                 "error": np.array([""] * len(ok) + [r for _, r in unreadable], dtype=object)}
 
 
 def _ray_chunks(folder: Path, todo: list[tuple[str, Path]], *, device: str, batch_size: int, actors: int,
-                address: str | None) -> Iterator[Chunk]:
+                address: str | None, unknown: bool = True) -> Iterator[Chunk]:
     """The same predictor as Ray Data actors (``map_batches``); rows come back here and are written as usual,
     so idempotence and resuming do not depend on the cluster."""
     import json
@@ -192,29 +194,32 @@ def _ray_chunks(folder: Path, todo: list[tuple[str, Path]], *, device: str, batc
     ctx.enable_progress_bars = False  # Fovea draws its own
     ds = ray.data.from_items([{"key": k, "path": str(p)} for k, p in todo],
                              override_num_blocks=max(1, min(len(todo) // batch_size, 200)))
-    predicted = ds.map_batches(RayPredictor, fn_constructor_kwargs={"folder": str(folder), "device": device},
+    predicted = ds.map_batches(RayPredictor, fn_constructor_kwargs={"folder": str(folder), "device": device,
+                                                                    "unknown": unknown},
                                batch_size=batch_size, batch_format="numpy",
                                compute=ray.data.ActorPoolStrategy(size=actors))
     for b in predicted.iter_batches(batch_size=batch_size, batch_format="numpy"):
         ok: list[Predicted] = []
         unreadable: list[tuple[str, str]] = []
-        for key, label, probs, fingerprint, ms, error in zip(b["key"], b["label"], b["probabilities"],
-                                                             b["fingerprint"], b["ms"], b["error"]):
+        for key, label, probs, fingerprint, ms, u, error in zip(b["key"], b["label"], b["probabilities"],
+                                                                b["fingerprint"], b["ms"], b["unknown"], b["error"]):
             if error:
                 unreadable.append((str(key), str(error)))
             else:
-                ok.append((str(key), str(label), json.loads(probs), str(fingerprint), float(ms)))
+                ok.append((str(key), str(label), json.loads(probs), str(fingerprint), float(ms),
+                           None if np.isnan(u) else float(u)))
         yield len(b["key"]), ok, unreadable
 
 
 def run_batch(model: str, source: str | Path, *, db: str | None = None, job: str | None = None,
               batch_size: int = 64, workers: int = 4, device: str = "auto", output: str | Path | None = None,
               progress: bool = True, engine: str = "local", actors: int = 2,
-              ray_address: str | None = None) -> BatchResult:
+              ray_address: str | None = None, unknown: bool = True) -> BatchResult:
     """Predict every image in ``source`` with ``model`` (a folder or a registry reference) into the store.
 
     ``engine="ray"`` runs decoding and prediction as ``actors`` Ray Data actors on the cluster at
-    ``ray_address`` (None: a local Ray instance), each loading the model folder itself.
+    ``ray_address`` (None: a local Ray instance), each loading the model folder itself. Images of none of the
+    model's classes are stored as "unknown" with their score (``unknown=False``: closed-set).
     """
     from fovea import model_registry
 
@@ -222,7 +227,7 @@ def run_batch(model: str, source: str | Path, *, db: str | None = None, job: str
         raise FoveaError(f"unknown engine {engine!r}: local or ray")
     source = Path(source)
     store = Store(db)
-    name, version, loaded, _ = model_registry.open_model(model, device, store)
+    name, version, loaded, _ = model_registry.open_model(model, device, store, unknown=unknown)
     folder = model_registry.locate(model, store=store).path
     items = list_inputs(source)
     if not items:
@@ -241,14 +246,13 @@ def run_batch(model: str, source: str | Path, *, db: str | None = None, job: str
         task = bar.add_task(f"batch {name}:{version}" + (" on Ray" if engine == "ray" else ""), total=len(todo))
         if engine == "ray":
             chunks = _ray_chunks(folder, todo, device=device, batch_size=batch_size, actors=actors,
-                                 address=ray_address)
+                                 address=ray_address, unknown=unknown)
         else:
             chunks = _local_chunks(loaded, todo, batch_size=batch_size, workers=workers)
         for done_keys, ok, unreadable in chunks:
             result.unreadable += unreadable
             if ok:
-                rows = [_row(job, name, version, key, label, probabilities, fingerprint, ms)
-                        for key, label, probabilities, fingerprint, ms in ok]
+                rows = [_row(job, name, version, *p) for p in ok]
                 _insert(store, rows)
                 result.predicted += len(rows)
             bar.advance(task, done_keys)
@@ -269,7 +273,7 @@ def export_parquet(store: Store, job: str, path: Path) -> Path:
         rows = s.scalars(select(PredictionRecord).where(PredictionRecord.job == job).order_by(PredictionRecord.input_key)).all()
         table = pa.table({
             "input_key": [r.input_key for r in rows], "label": [r.label for r in rows],
-            "confidence": [r.confidence for r in rows],
+            "confidence": [r.confidence for r in rows], "unknown_score": [r.unknown_score for r in rows],
             "probabilities": [json.dumps(r.probabilities) for r in rows],
             "fingerprint": [r.fingerprint for r in rows], "model_name": [r.model_name for r in rows],
             "model_version": [r.model_version for r in rows], "created": [r.created for r in rows],

@@ -31,6 +31,9 @@ PathsArg = Annotated[list[Path], typer.Argument(help="Image files or folders.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 DeviceOption = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+NoUnknownOption = Annotated[bool, typer.Option("--no-unknown", help="Closed-set: always answer one of the model's "
+                                               "classes, even where its artifact can answer 'unknown' for images "
+                                               "of none of them.")]
 DbOption = Annotated[str | None, typer.Option("--db", envvar="FOVEA_DB",
                                               help="Database URL (default sqlite:///$FOVEA_HOME/fovea.db; "
                                                    "postgresql://user:pass@host/db for several replicas).")]

@@ -204,6 +204,26 @@ def evaluation(m: dict[str, Any]) -> None:
         con.print(f"[yellow]skipped[/] {q['path']}: {q['reason']}")
     if m.get("diagnosis"):
         con.print(format_diagnosis(m["diagnosis"]), markup=False)
+    if m.get("unknown"):
+        unknown_figures(m["unknown"])
+
+
+def unknown_figures(u: dict[str, Any]) -> None:
+    """How a model that answers "unknown" did: the known images it kept, and each set of images of none of its
+    classes (ROC-AUC, share accepted)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = console(whole_lines=True)
+    k = u["known"]
+    con.print(f"unknown images: score {u.get('score')}, threshold {u['threshold']:.4g} (calibrated to keep "
+              f"{u['keep']:.0%}); kept {k['n']} known images x {_f4(k['kept'])}, their accuracy {_f4(k['accuracy_kept'])} "
+              f"(all: {_f4(k['accuracy_all'])})", highlight=False)
+    if u.get("unknown"):
+        t = Table("images of none of the classes", "n", "ROC-AUC", "accepted as a class")
+        for name, v in u["unknown"].items():
+            t.add_row(escape(name), str(v["n"]), _f4(v["auroc"]), _f4(v["accepted"]))
+        con.print(t)
 
 
 def explained(o: Any, method: str, check: Any) -> None:

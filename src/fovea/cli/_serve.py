@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from fovea.cli._common import DbOption, DeviceOption, JsonOption, ModelRefArg, app, echo_json, examples, setup_logging
+from fovea.cli._common import (
+    DbOption,
+    DeviceOption,
+    JsonOption,
+    ModelRefArg,
+    NoUnknownOption,
+    app,
+    echo_json,
+    examples,
+    setup_logging,
+)
 from fovea.errors import FoveaError
 
 
@@ -45,6 +55,7 @@ def serve_command(
     review_below: Annotated[float, typer.Option(help="Queue answers less confident than this for people to label "
                                                      "(the web app's review page; 0: none).")] = 0.0,
     consensus: Annotated[int, typer.Option(help="Reviewers who must agree before a queued image is labelled.")] = 1,
+    no_unknown: NoUnknownOption = False,
 ) -> None:
     """Serve a model over HTTP: /v1/predict, Open Inference Protocol v2 under /v2, Prometheus /metrics.
 
@@ -58,7 +69,8 @@ def serve_command(
                                max_wait_ms=max_wait_ms, max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout,
                                log_predictions=not no_log, hybrid=hybrid, admin_token=admin_token, poll_s=poll,
                                drift_every_s=parse_duration(drift_every), drift_window=drift_window,
-                               drift_webhook=drift_webhook, review_below=review_below, consensus=consensus)
+                               drift_webhook=drift_webhook, review_below=review_below, consensus=consensus,
+                               unknown=not no_unknown)
     if not 0 <= review_below <= 1 or consensus < 1:
         raise FoveaError("--review-below must lie in [0, 1] and --consensus be at least 1")
     if poll <= 0:
@@ -87,13 +99,15 @@ def batch_command(
     actors: Annotated[int, typer.Option(min=1, help="--engine ray: model replicas (each loads the model).")] = 2,
     ray_address: Annotated[str | None, typer.Option(help="--engine ray: the cluster (default: start a local "
                                                          "Ray instance; 'auto': the one on this machine).")] = None,
+    no_unknown: NoUnknownOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Predict every image into the database; killed and restarted, it loses and duplicates nothing."""
     from fovea.batch import run_batch
 
     r = run_batch(model, source, db=db, job=job, batch_size=batch_size, workers=workers, device=device,
-                  output=output, progress=not as_json, engine=engine, actors=actors, ray_address=ray_address)
+                  output=output, progress=not as_json, engine=engine, actors=actors, ray_address=ray_address,
+                  unknown=not no_unknown)
     if as_json:
         echo_json(r.to_dict())
         return

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from fovea.cli import _render as render
-from fovea.cli._common import STARTED, DataArg, QuietOption, app, examples, parse_arch, setup_logging
+from fovea.cli._common import STARTED, DataArg, DeviceOption, QuietOption, app, examples, parse_arch, setup_logging
 from fovea.cli._options import given, train_options
 from fovea.errors import FoveaError
 
@@ -165,3 +165,34 @@ def demo(
 
     setup_logging()
     run_demo(out=out, data=data, epochs=epochs)
+
+
+@app.command("calibrate-unknown", epilog=examples(
+    "fovea calibrate-unknown runs/pets data/pets                  # fit on train/, calibrate on val/",
+    "fovea calibrate-unknown runs/pets data/pets --keep 0.99      # refuse fewer known images",
+    "fovea calibrate-unknown runs/old data/pets --score mahalanobis",
+    "fovea calibrate-unknown runs/pets-ens data/pets              # an ensemble: each member, then the mean"))
+def calibrate_unknown(
+    run: Annotated[Path, typer.Argument(help="A model folder (a run or an ensemble; not a registered version).")],
+    data: DataArg,
+    keep: Annotated[float, typer.Option(help="Share of known validation images the threshold keeps.")] = 0.95,
+    score: Annotated[str | None, typer.Option(help="The unknown-image score (default: the run's, else the default; "
+                                                   "see docs/unknown.md).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Give a model its unknown-image answer, or a new threshold: fit the score on DATA's training split and set the
+    threshold that keeps --keep of its validation split. Images of none of the classes then answer `unknown`."""
+    from fovea.artifact import read_meta
+    from fovea.training import calibrate_unknown as run_calibrate
+
+    setup_logging(quiet)
+    if score is None:  # keep the score the model already has, refitted on this data
+        given = (read_meta(run).get("unknown") or {}).get("score")
+        score = given if given not in (None, "ensemble") else None
+    entry = run_calibrate(run, data, keep=keep, score=score, val_fraction=val_fraction, seed=seed, device=device,
+                          progress=not quiet)
+    typer.echo(f"{run}: unknown score {entry['score']}, threshold {entry['threshold']:.4g} keeps "
+               f"{entry['kept']:.1%} of {entry['calibrated_on']} known validation images (asked {keep:.0%})")

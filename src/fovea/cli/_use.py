@@ -11,6 +11,7 @@ from fovea.cli import _render as render
 from fovea.cli._common import (
     DeviceOption,
     JsonOption,
+    NoUnknownOption,
     PathsArg,
     RunArg,
     app,
@@ -23,7 +24,8 @@ from fovea.errors import FoveaError
 
 
 @app.command(epilog=examples("fovea evaluate runs/pets data/pets", "fovea evaluate runs/pets data/pets/val --json",
-                             "fovea evaluate runs/scans data/scans --human-error 0.05   # bias or variance?"))
+                             "fovea evaluate runs/scans data/scans --human-error 0.05   # bias or variance?",
+                             "fovea evaluate runs/pets data/pets --unknown data/ants --unknown data/digits --report r.html"))
 def evaluate(
     run: RunArg,
     data: Annotated[Path, typer.Argument(help="Class folders (all evaluated) or a split layout (its test, else val, split).")],
@@ -31,14 +33,19 @@ def evaluate(
     report: Annotated[Path | None, typer.Option(help="Also write an HTML report here.")] = None,
     device: DeviceOption = "auto",
     human_error: Annotated[float | None, typer.Option(help="Human-level error (e.g. 0.05) for the bias/variance diagnosis.")] = None,
+    unknown: Annotated[list[Path] | None, typer.Option("--unknown", help="A folder of images of none of the classes, "
+                                                       "repeatable: how well the model tells them from DATA.")] = None,
+    no_unknown: NoUnknownOption = False,
 ) -> None:
-    """Accuracy, balanced accuracy, precision/recall/F1, ROC-AUC and the confusion matrix on held-out data."""
+    """Accuracy, balanced accuracy, precision/recall/F1, ROC-AUC and the confusion matrix on held-out data;
+    with --unknown, how well the model refuses images of none of its classes."""
     from fovea.evaluation import evaluate as run_eval
 
     setup_logging(quiet=as_json)
     if human_error is not None and not 0 <= human_error < 1:
         raise FoveaError(f"--human-error is an error rate in [0, 1), got {human_error}")
-    m = run_eval(run, data, device=device, report=report, progress=not as_json, human_error=human_error)
+    m = run_eval(run, data, device=device, report=report, progress=not as_json, human_error=human_error,
+                 unknown=unknown or (), open_set=not no_unknown)
     m.pop("roc_curves", None)
     if as_json:
         echo_json(m, indent=2)
@@ -46,21 +53,23 @@ def evaluate(
         render.evaluation(m)
 
 
-@app.command(epilog=examples("fovea predict runs/pets cat.jpg dog.png", "fovea predict runs/pets photos/ --json --top-k 2"))
+@app.command(epilog=examples("fovea predict runs/pets cat.jpg dog.png", "fovea predict runs/pets photos/ --json --top-k 2",
+                             "fovea predict runs/pets photos/ --no-unknown    # always one of the classes"))
 def predict(
     run: RunArg,
     paths: PathsArg,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     top_k: Annotated[int, typer.Option(min=1, help="Show the k most likely classes.")] = 1,
     device: DeviceOption = "auto",
+    no_unknown: NoUnknownOption = False,
 ) -> None:
-    """Label images: the class, its probability and every class's probability."""
+    """Label images: the class (or `unknown`: none of them), its probability and every class's probability."""
     from fovea.runtime import load
 
     files = expand_files(paths)
     if not files:
         raise FoveaError("no files to predict")
-    model = load(run, device)
+    model = load(run, device, unknown=not no_unknown)
     skipped: list[tuple[str, str]] = []
     for i in range(0, len(files), 256):  # a folder of any size, a chunk of decoded images at a time
         preds, bad = model.predict(files[i : i + 256])
@@ -69,6 +78,9 @@ def predict(
             top = sorted(pr.probabilities.items(), key=lambda kv: -kv[1])[:top_k]
             if as_json:
                 echo_json({**pr.to_dict(), "top_k": [{"label": k, "probability": v} for k, v in top]})
+            elif pr.unknown:
+                typer.echo(f"{pr.path}\tunknown  (none of the classes: score {pr.unknown_score:.3g} > threshold "
+                           f"{pr.unknown_threshold:.3g}; otherwise " + "  ".join(f"{k} {v:.3f}" for k, v in top) + ")")
             else:
                 typer.echo(f"{pr.path}\t" + "  ".join(f"{k} {v:.3f}" for k, v in top))
     for path, reason in skipped:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fovea._system import Hardware, hardware
-from fovea.artifact import FORMAT, META, ONNX_FILE, PT2_FILE, REFERENCE, WEIGHTS, read_meta, write_meta
+from fovea.artifact import FORMAT, META, ONNX_FILE, PT2_FILE, REFERENCE, UNKNOWN_FILE, WEIGHTS, read_meta, write_meta
 from fovea.compress._gradcam import GRADCAM_FLAG, GradCamCheck
 from fovea.compress._linear import quantize_state
 from fovea.compress._measure import Speed, measure
@@ -79,9 +79,9 @@ class Row:
 
 
 def _size(path: Path) -> int:
-    """Bytes of the model file(s) in an artifact folder; model.json and the drift reference excluded (the same
-    for all)."""
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in (META, REFERENCE))
+    """Bytes of the model file(s) in an artifact folder; model.json, the drift reference and the unknown score's
+    state excluded (the same for all, or nearly)."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in (META, REFERENCE, UNKNOWN_FILE))
 
 
 def _carry_reference(run: Path, folder: Path) -> None:
@@ -90,6 +90,45 @@ def _carry_reference(run: Path, folder: Path) -> None:
     torch.export expose no embeddings, so their embedding tests do not run)."""
     if (run / REFERENCE).exists():
         shutil.copy2(run / REFERENCE, folder / REFERENCE)
+
+
+def _carry_unknown(run: Path, folder: Path, base: TorchModel, images: torch.Tensor) -> str | None:
+    """Each artifact answers "unknown" as its source does. PyTorch weights (fp16, bf16, int8) keep the same
+    network and embedding: the source's fitted score, with a threshold set on the held-out ``images`` through the
+    artifact's own numerics. ONNX Runtime and torch.export expose no embedding: a score that needs one falls
+    back to ``energy`` (logits only, Liu et al. 2020), calibrated the same way; returns that note."""
+    from fovea.runtime import fit_unknown, recalibrate_unknown
+    from fovea.runtime.unknown import SCORES
+
+    entry = base.meta.get("unknown")
+    if not entry or entry.get("score") not in SCORES:
+        return None
+    if read_meta(folder)["compression"]["runtime"] == "torch":
+        shutil.copy2(run / UNKNOWN_FILE, folder / UNKNOWN_FILE)
+        meta = read_meta(folder)
+        meta["unknown"] = dict(entry)
+        write_meta(folder, meta)
+        recalibrate_unknown(folder, images, device="cpu")
+        return None
+    name = entry["score"]
+    note = None
+    if SCORES[name].uses_embedding or getattr(SCORES[name], "uses_stages", False):
+        name, note = "energy", f"no embedding in this runtime: logits-only energy score instead of {entry['score']}"
+        _forget_reference_scores(folder)  # the source's scores are another score's: not comparable
+    fit_unknown(folder, load_single(folder, "cpu", unknown=False), fit_images=images,
+                fit_labels=np.zeros(len(images), np.int64), calibration=images, score=name,
+                keep=float(entry.get("keep", 0.95)), tta=bool(entry.get("tta", False)), note=note)
+    return note
+
+
+def _forget_reference_scores(folder: Path) -> None:
+    """The drift reference keeps its images' unknown scores only where they are this artifact's score's."""
+    from fovea.monitor import load_reference, save_reference
+
+    if (folder / REFERENCE).exists():
+        reference = load_reference(folder)
+        reference.unknown_scores = None
+        save_reference(folder, reference)
 
 
 def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -140,8 +179,8 @@ def _calibration_images(model: TorchModel, root: Path, n: int, seed: int, progre
 
 def meta_for(source: dict[str, Any], method: str, runtime: str, extra: dict[str, Any]) -> dict[str, Any]:
     """The source's model.json for an artifact made from it by ``method``: its metrics dropped (the artifact's
-    own are measured), how it was made under "compression"."""
-    meta = {k: v for k, v in source.items() if k != "metrics"}
+    own are measured), how it was made under "compression"; its unknown score is set after (``_carry_unknown``)."""
+    meta = {k: v for k, v in source.items() if k not in ("metrics", "unknown")}
     meta["compression"] = {"method": method, "runtime": runtime, "description": METHODS[method][1], **extra}
     return meta
 
@@ -357,6 +396,9 @@ def compress(
                 continue
             details["build_seconds"] = round(time.perf_counter() - t0, 2)
             _carry_reference(run, folder)
+            unknown_note = _carry_unknown(run, folder, base, images)
+            if unknown_note:
+                details["unknown"] = unknown_note
             if cams is not None and (Path(tmp) / "fp32.onnx").exists():
                 cams.reference = Path(tmp) / "fp32.onnx"
             loaded = load_single(folder, "cpu")

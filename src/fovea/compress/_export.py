@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fovea.artifact import FORMAT, META, ONNX_FILE, WEIGHTS, read_meta, write_meta
+from fovea.artifact import FORMAT, META, ONNX_FILE, UNKNOWN_FILE, WEIGHTS, read_meta, write_meta
 from fovea.errors import FoveaError
 from fovea.runtime import TorchModel, load_single
 
@@ -62,6 +62,9 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> dict[
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (16, 3, model.image_size, model.image_size), generator=g, dtype=torch.uint8)
         info["parity"] = parity(model, exported, x)
+        if model.answers_unknown:
+            info["unknown"] = (f"not carried: ONNX Runtime exposes no embedding for the {meta['unknown']['score']} "
+                               f"score; fovea calibrate-unknown {out} DATA gives it a logits-only one")
         triton = out / "triton" / run.name / "1"
         triton.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out / ONNX_FILE, triton / ONNX_FILE)
@@ -89,6 +92,8 @@ def export(run: str | Path, format: str, out: str | Path | None = None) -> dict[
                   "classes": json.dumps(model.classes), "preprocessing": json.dumps(meta["preprocessing"])}
         save_file(state, str(out / WEIGHTS), metadata=header)
         write_meta(out, {k: v for k, v in meta.items() if k != "compression"})
+        if meta.get("unknown") and (run / UNKNOWN_FILE).exists():  # the same network: its unknown score goes along
+            shutil.copy2(run / UNKNOWN_FILE, out / UNKNOWN_FILE)
         info["file"] = str(out / WEIGHTS)
     info["size_bytes"] = Path(info["file"]).stat().st_size
     return info

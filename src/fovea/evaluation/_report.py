@@ -121,6 +121,42 @@ def _looks_at_html(section: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _unknown_html(u: dict[str, Any]) -> str:
+    """Images of none of the classes: the known images kept and their accuracy, each unknown set's ROC-AUC and
+    share accepted, and both score distributions against the threshold (training's entry: the calibration)."""
+    if "known" not in u:  # training: what the score is and what its threshold keeps
+        if "skipped" in u:
+            return f"<h2>Images of none of the classes</h2><p>No unknown score: {html.escape(str(u['skipped']))}.</p>"
+        return (f"<h2>Images of none of the classes</h2><p>An image whose <code>{html.escape(str(u['score']))}</code> "
+                f"score is over {u['threshold']:.4g} is answered <b>unknown</b>: the threshold keeps "
+                f"{u['kept']:.1%} of the {u['calibrated_on']} validation images (asked {u['keep']:.0%}). "
+                "How well it tells other images apart: <code>fovea evaluate RUN DATA --unknown FOLDER</code>.</p>")
+    k = u["known"]
+    parts = [f"<h2>Images of none of the classes</h2><p>Score <code>{html.escape(str(u.get('score')))}</code>, "
+             f"threshold {u['threshold']:.4g} (calibrated to keep {u['keep']:.0%} of known images). Of these "
+             f"{k['n']} known images it keeps {format_cell(k['kept'])}; their accuracy "
+             f"{format_cell(k['accuracy_kept'])} against {format_cell(k['accuracy_all'])} over all of them.</p>"]
+    if u.get("unknown"):
+        rows = [[name, v["n"], v["auroc"], v["accepted"]] for name, v in u["unknown"].items()]
+        parts.append(table_html(rows, ["images of none of the classes", "n", "ROC-AUC (known vs these)",
+                                       "accepted as a class"]))
+    scores = u.get("scores")
+    if scores:
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        everything = np.concatenate([np.asarray(v) for v in scores.values() if len(v)])
+        bins = np.linspace(float(everything.min()), float(everything.max()) + 1e-9, 40)
+        for name, v in scores.items():
+            ax.hist(np.asarray(v), bins.tolist(), density=True, alpha=0.5, label=Path(name).name or name)
+        ax.axvline(u["threshold"], color="black", ls="--", lw=1, label="threshold")
+        ax.set(xlabel="unknown score (higher: less like the classes)", ylabel="density")
+        ax.legend(fontsize=8)
+        parts.append(figure_html(fig))
+    return "".join(parts)
+
+
 def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, metrics: dict[str, Any],
                  history: list[dict[str, Any]] | None = None, quarantined: list[dict[str, str]] | None = None,
                  explanations: dict[str, Any] | None = None) -> Path:
@@ -151,6 +187,8 @@ def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, m
         parts.append("<h2>Per class</h2>" + table_html(rows, ["class", "precision", "recall", "F1", "support"]))
     if metrics.get("roc_curves"):
         parts.append(f"<h2>ROC curves</h2><p>ROC-AUC: {format_cell(metrics.get('roc_auc'))}</p>" + roc_plot(metrics["roc_curves"]))
+    if metrics.get("unknown"):
+        parts.append(_unknown_html(metrics["unknown"]))
     if explanations is not None:
         parts.append(_looks_at_html(explanations))
     q = quarantined or []

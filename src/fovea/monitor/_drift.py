@@ -14,6 +14,10 @@ Five families of tests, each giving one p-value:
   contingency table): Fisher's exact test for two classes, a Monte-Carlo exact test of the chi-square
   statistic for more.
 - ``confidence``: a Kolmogorov-Smirnov test of the top-class probability (a drop means the model is less sure).
+- ``unknown_rate``: for a model that answers "unknown", Fisher's exact test of the share of images over its
+  unknown threshold, reference against window (more images of none of the classes than at validation). The
+  threshold was set on the reference images themselves (it keeps 95 % of them); the error of that quantile has
+  the variance of a proportion of the reference's size, which is what the two-sample test allows for.
 
 The window counts as drifted when the smallest family p-value, Bonferroni-corrected over the families that
 could run, is below ``alpha``: a normal window raises a false alarm with probability at most ``alpha``.
@@ -50,7 +54,7 @@ import numpy as np
 from fovea.monitor._reference import Observations
 from fovea.monitor._stats import SQUARE, STATS
 
-FAMILIES = ("embedding_mmd", "embedding_ks", "image_stats", "label_shift", "confidence")
+FAMILIES = ("embedding_mmd", "embedding_ks", "image_stats", "label_shift", "confidence", "unknown_rate")
 
 
 @dataclass
@@ -245,8 +249,26 @@ def label_shift_test(reference: np.ndarray, window: np.ndarray, classes: int, *,
     return float(p), observed, f"Monte-Carlo exact chi-square ({permutations} draws)"
 
 
+def _unknown_rate(reference: Observations, window: Observations, threshold: float) -> Test | str:
+    """Fisher's exact test of the share of images over the unknown threshold; why not, when it cannot run."""
+    if reference.unknown_scores is None:
+        return "the reference has no unknown scores (built before the model had them)"
+    if window.unknown_scores is None:
+        return "the window has no unknown scores (answers logged without them)"
+    ref, win = reference.unknown_scores, window.unknown_scores
+    win = win[np.isfinite(win)]  # answers logged without a score
+    if len(win) < 10:
+        return f"only {len(win)} answers in the window have an unknown score"
+    ref_over, win_over = (ref > threshold).astype(np.int64), (win > threshold).astype(np.int64)
+    p, stat, method = label_shift_test(ref_over, win_over, 2)
+    return Test("unknown_rate", p, stat, {"method": method, "threshold": threshold,
+                                          "reference": round(float(ref_over.mean()), 4),
+                                          "window": round(float(win_over.mean()), 4)})
+
+
 def detect(reference: Observations, window: Observations, classes: list[str], *, alpha: float = 0.05,
-           max_reference: int = 500, components: int = 16, permutations: int = 1000, seed: int = 0) -> DriftResult:
+           max_reference: int = 500, components: int = 16, permutations: int = 1000, seed: int = 0,
+           unknown_threshold: float | None = None) -> DriftResult:
     """Test ``window`` against ``reference`` with every family the two samples allow.
 
     Args:
@@ -259,6 +281,7 @@ def detect(reference: Observations, window: Observations, classes: list[str], *,
         components: principal components of the pooled embeddings that the embedding tests use.
         permutations: for the MMD permutation test and the Monte-Carlo label test.
         seed: seeds the subset and the permutations.
+        unknown_threshold: the model's unknown threshold (None: a closed-set model, no unknown_rate family).
 
     Returns:
         One test per family that could run, and the Bonferroni-combined verdict.
@@ -317,6 +340,13 @@ def detect(reference: Observations, window: Observations, classes: list[str], *,
                       {"method": method,
                        "reference": {k: round(float(v) / max(1, len(reference)), 4) for k, v in zip(classes, ref_counts)},
                        "window": {k: round(float(v) / max(1, len(window)), 4) for k, v in zip(classes, win_counts)}}))
+
+    if unknown_threshold is not None:
+        test = _unknown_rate(reference, window, unknown_threshold)
+        if isinstance(test, Test):
+            tests.append(test)
+        else:
+            skipped["unknown_rate"] = test
 
     conf = ks_2samp(reference.confidence, window.confidence)
     tests.append(Test("confidence", float(conf.pvalue), float(conf.statistic),

@@ -30,6 +30,7 @@ class Observations:
     stats: np.ndarray  # (N, len(STATS))
     embeddings: np.ndarray | None = None  # (N, D)
     labels: np.ndarray | None = None  # (N,) true class indexes, -1 where unknown
+    unknown_scores: np.ndarray | None = None  # (N,) the model's unknown-image score (None: a closed-set model)
 
     def __len__(self) -> int:
         return len(self.probabilities)
@@ -44,16 +45,16 @@ class Observations:
 
 
 def observe(model: Any, images: torch.Tensor, sizes: Sequence[tuple[int, int]], batch_size: int = 256) -> Observations:
-    """Probabilities, embeddings and statistics of decoded uint8 images (N, 3, S, S) through ``model``."""
-    probs, embs = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size]
-        p, e = model.predict_proba_embed(x)  # e is None where the runtime exposes no embedding
-        probs.append(p)
-        embs.append(e)
+    """Probabilities, embeddings, unknown scores and statistics of decoded uint8 images (N, 3, S, S) through
+    ``model``."""
+    outs = [model.outputs(images[i : i + batch_size], embed=True) for i in range(0, len(images), batch_size)]
     c = len(model.classes)
-    emb = None if not embs or any(e is None for e in embs) else np.concatenate(embs).astype(np.float32)
-    return Observations(np.concatenate(probs) if probs else np.zeros((0, c), np.float32), image_stats(images, list(sizes)), emb)
+    probs = np.concatenate([o.probabilities for o in outs]) if outs else np.zeros((0, c), np.float32)
+    emb = None if not outs or any(o.embeddings is None for o in outs) else np.concatenate(
+        [o.embeddings for o in outs]).astype(np.float32)  # None where the runtime exposes no embedding
+    unknown = None if not outs or any(o.unknown_scores is None for o in outs) else np.concatenate(
+        [o.unknown_scores for o in outs]).astype(np.float32)
+    return Observations(probs, image_stats(images, list(sizes)), emb, unknown_scores=unknown)
 
 
 def observe_files(model: Any, paths: Sequence[str | Path]) -> tuple[Observations, list[tuple[str, str]]]:
@@ -70,6 +71,8 @@ def save_reference(folder: str | Path, sample: Observations) -> Path:
         arrays["embeddings"] = sample.embeddings
     if sample.labels is not None:
         arrays["labels"] = sample.labels
+    if sample.unknown_scores is not None:
+        arrays["unknown_scores"] = sample.unknown_scores
     np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # arrays only: read back with allow_pickle=False
     return path
 
@@ -82,7 +85,8 @@ def load_reference(folder: str | Path) -> Observations:
     try:
         with np.load(path, allow_pickle=False) as z:
             return Observations(z["probabilities"], z["stats"], z["embeddings"] if "embeddings" in z else None,
-                          z["labels"] if "labels" in z else None)
+                                z["labels"] if "labels" in z else None,
+                                z["unknown_scores"] if "unknown_scores" in z else None)
     except (OSError, ValueError, KeyError) as e:
         raise FoveaError(f"{path} is not a drift reference: {e}") from e
 

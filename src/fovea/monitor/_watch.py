@@ -71,8 +71,9 @@ def window_from_store(store: Any, name: str, version: int, classes: list[str], *
 
     from fovea.store import Feedback, PredictionRecord
 
-    q = (select(PredictionRecord.request_id, PredictionRecord.fingerprint, PredictionRecord.probabilities, PredictionRecord.embedding,
-                PredictionRecord.image_stats, PredictionRecord.created)
+    q = (select(PredictionRecord.request_id, PredictionRecord.fingerprint, PredictionRecord.probabilities,
+                PredictionRecord.embedding, PredictionRecord.image_stats, PredictionRecord.unknown_score,
+                PredictionRecord.created)
          .where(PredictionRecord.model_name == name, PredictionRecord.model_version == version, PredictionRecord.role == "served",
                 PredictionRecord.source == "online", PredictionRecord.error.is_(None))
          .order_by(PredictionRecord.id.desc()))
@@ -94,7 +95,10 @@ def window_from_store(store: Any, name: str, version: int, classes: list[str], *
         emb = np.stack([np.frombuffer(r.embedding, "<f4") for r in rows])
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index.get(feedback.get(r.request_id, ""), -1) for r in rows], np.int64)
-    return Window(Observations(probs, stats, emb, labels), "store", rows[0].created.isoformat(timespec="seconds"),
+    unknown = None  # NaN for an answer logged without a score (a closed-set version, --no-unknown)
+    if any(r.unknown_score is not None for r in rows):
+        unknown = np.array([np.nan if r.unknown_score is None else r.unknown_score for r in rows], np.float32)
+    return Window(Observations(probs, stats, emb, labels, unknown), "store", rows[0].created.isoformat(timespec="seconds"),
                   rows[-1].created.isoformat(timespec="seconds"))
 
 
@@ -109,7 +113,8 @@ def check_drift(model: Any, folder: Path, name: str, version: int, window: Windo
     reference = reference if reference is not None else load_reference(folder)
     if len(window.sample) < 10:
         raise FoveaError(f"only {len(window.sample)} images in the window; a drift test needs at least 10")
-    drift = detect(reference, window.sample, list(model.classes), alpha=alpha, permutations=permutations, seed=seed)
+    drift = detect(reference, window.sample, list(model.classes), alpha=alpha, permutations=permutations, seed=seed,
+                   unknown_threshold=getattr(model, "unknown_threshold", None))
     ref_acc: float | None = None
     ref_ece: float | None = None
     if reference.labels is not None and (reference.labels >= 0).any():

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fovea.artifact import MEMBERS, META
 from fovea.errors import FoveaError
-from fovea.runtime._predictor import Predictor
+from fovea.runtime._predictor import Outputs, Predictor
 from fovea.runtime._torch import TorchModel
 
 
@@ -59,8 +59,9 @@ class Ensemble(Predictor):
     It has no ``net`` (it is several networks) and decodes exactly as its largest member does.
     """
 
-    def __init__(self, path: str | Path, device: str = "auto", meta: dict[str, Any] | None = None) -> None:
-        super().__init__(path, device, meta)
+    def __init__(self, path: str | Path, device: str = "auto", meta: dict[str, Any] | None = None,
+                 unknown: bool = True) -> None:
+        super().__init__(path, device, meta, unknown)
         spec = self.meta.get("ensemble")
         if not isinstance(spec, dict) or not isinstance(spec.get(MEMBERS), list) or not spec[MEMBERS]:
             raise FoveaError(f"{self.path / META}: 'ensemble' must list its members (relative folders)")
@@ -71,7 +72,7 @@ class Ensemble(Predictor):
             # A model folder from a stranger must not make Fovea read files outside it.
             if Path(str(rel)).is_absolute() or not folder.resolve().is_relative_to(root):
                 raise FoveaError(f"{self.path / META}: member {rel!r} is outside the ensemble folder")
-            self.members.append(TorchModel(folder, device))
+            self.members.append(TorchModel(folder, device, unknown=unknown))
         for rel, m in zip(spec[MEMBERS], self.members):
             if m.classes != self.classes:
                 raise FoveaError(f"{self.path}: member {rel} has classes {m.classes}, the ensemble {self.classes}")
@@ -79,6 +80,14 @@ class Ensemble(Predictor):
                 raise FoveaError(f"{self.path}: member {rel} takes {m.image_size} px images, more than the "
                                  f"ensemble's {self.image_size}; it would see upscaled images")
         self.device = self.members[0].device
+        # Unknown images: the mean of the members' scores, each standardised by its mean and spread on the known
+        # images the ensemble was calibrated on (their scales differ: a distance, an energy), against a threshold
+        # calibrated on that mean (``fovea.ensemble`` writes it when it has held-out images).
+        entry = self.meta.get("unknown") if unknown else None
+        self._standardise: list[tuple[float, float]] = []
+        if entry and all(m.answers_unknown for m in self.members):
+            self._standardise = [(float(m["mean"]), float(m["std"])) for m in entry["members"]]
+            self.unknown_threshold = float(entry["threshold"])
 
     def predict_proba(self, images: torch.Tensor) -> np.ndarray:
         """Mean of the members' probabilities (N, classes) for uint8 (N, 3, S, S) images at ``image_size``."""
@@ -89,6 +98,25 @@ class Ensemble(Predictor):
                              f"got {tuple(images.shape)}; decode with load_images()")
         probs = [m.predict_proba(resize(images, m.image_size)) for m in self.members]  # each (N, classes)
         return np.stack(probs).mean(axis=0, dtype=np.float32)  # (members, N, classes) -> (N, classes)
+
+    def member_scores(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """The mean of the members' probabilities (N, C), and each member's unknown score (M, N) (None unless every
+        member has one)."""
+        outs = [m.outputs(resize(images, m.image_size)) for m in self.members]
+        probs = np.stack([o.probabilities for o in outs]).mean(axis=0, dtype=np.float32)
+        if any(o.unknown_scores is None for o in outs):
+            return probs, None
+        return probs, np.stack([np.asarray(o.unknown_scores, np.float64) for o in outs])
+
+    def outputs(self, images: torch.Tensor, *, embed: bool = False) -> Outputs:
+        if not self._standardise or len(images) == 0:
+            return Outputs(self.predict_proba(images))
+        probs, scores = self.member_scores(images)
+        if scores is None:
+            return Outputs(probs)
+        mean = np.array([m for m, _ in self._standardise])[:, None]
+        std = np.array([s for _, s in self._standardise])[:, None]
+        return Outputs(probs, None, ((scores - mean) / std).mean(0))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """Log of the mean probabilities: ``softmax`` of these gives ``predict_proba`` back, argmax agrees.

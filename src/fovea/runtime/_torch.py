@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -105,13 +104,14 @@ class TorchModel(Network):
     fp16) and in float32 elsewhere; int8 weights are dequantized to float32 once, at load.
     """
 
-    def __init__(self, path: str | Path, device: str = "auto", meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, device: str = "auto", meta: dict[str, Any] | None = None,
+                 unknown: bool = True) -> None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from fovea.models import create_model
 
-        super().__init__(path, device, meta)
+        super().__init__(path, device, meta, unknown)
         arch = self.meta["architecture"]
         self.net = create_model(arch["name"], len(self.classes), image_size=self.image_size, **arch.get("kwargs", {}))
         try:
@@ -136,6 +136,7 @@ class TorchModel(Network):
         self.net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         self.net.to(self.device, self.dtype).eval()
         self.amp = self.device.type == "cuda" and self.dtype == torch.float32
+        self.load_unknown(exposes_embedding=self._classifier() is not None)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return infer(self.net, images, mean=self.mean, std=self.std, device=self.device, amp=self.amp, dtype=self.dtype)
@@ -148,20 +149,47 @@ class TorchModel(Network):
         linears = [m for m in self.net.modules() if isinstance(m, nn.Linear)]
         return linears[-1] if linears else None
 
-    def predict_proba_embed(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities and the classifier's input (the penultimate layer, timm's ``pre_logits``) in one pass."""
-        head = self._classifier()
-        if head is None or len(images) == 0:
-            return self.predict_proba(images), None
+    def _stage_modules(self) -> list[nn.Module]:
+        """The network's feature stages, whose activation statistics an unknown score may read: the stem and
+        each stage of Fovea's cnn; for timm models, the modules their ``feature_info`` names."""
+        stem, stages = getattr(self.net, "stem", None), getattr(self.net, "stages", None)
+        if isinstance(stem, nn.Module) and isinstance(stages, nn.Sequential):
+            return [stem, *stages]
+        info = getattr(self.net, "feature_info", None)
+        named = dict(self.net.named_modules())
+        if isinstance(info, list):
+            return [named[f["module"]] for f in info if isinstance(f, dict) and f.get("module") in named]
+        return []
+
+    def _views(self, x: torch.Tensor, views: int, embed: bool,
+               stages: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Raw logits (V, N, C) and, when asked, the classifier's input (timm's ``pre_logits``) (V, N, D) and each
+        feature stage's per-channel mean and standard deviation over positions (V, N, F), in one forward pass over
+        the images and, with ``views`` 2, their mirrors."""
+        batch = torch.cat([x, x.flip(3)]) if views == 2 else x
+        head = self._classifier() if embed else None
+        modules = self._stage_modules() if stages else []
         seen: list[torch.Tensor] = []
+        stats: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(modules))}
 
         def grab(module: nn.Module, args: Any, out: Any) -> None:
             seen.append(args[0].detach().float().reshape(len(args[0]), -1).cpu())
 
-        handle = head.register_forward_hook(grab)
+        def stage(i: int) -> Any:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor) and out.ndim == 4:  # (B, C, H, W)
+                    a = out.detach().float()
+                    stats[i].append(torch.cat([a.mean((2, 3)), a.std((2, 3))], 1).cpu())  # (B, 2C)
+            return hook
+
+        handles = [head.register_forward_hook(grab)] if head is not None else []
+        handles += [m.register_forward_hook(stage(i)) for i, m in enumerate(modules)]
         try:
-            probs = self.predict_proba(images)
+            logits = self.forward(batch).float()
         finally:
-            handle.remove()
-        # with TTA the network saw the images, then their mirrors: the first N rows are the images themselves
-        return probs, torch.cat(seen)[: len(images)].numpy()
+            for h in handles:
+                h.remove()
+        emb = torch.cat(seen).reshape(views, len(x), -1) if head is not None else None
+        parts = [torch.cat(v) for v in stats.values() if v]
+        stage_stats = torch.cat(parts, 1).reshape(views, len(x), -1) if parts else None
+        return logits.reshape(views, len(x), -1), emb, stage_stats

@@ -36,8 +36,8 @@ class ExportedModel(Network):
     """A PT2E int8 artifact (model.pt2 + model.json), compiled by Inductor on first use."""
 
     def __init__(self, path: str | Path, device: str = "auto", meta: dict[str, Any] | None = None,
-                 compile: bool = True) -> None:
-        super().__init__(path, "cpu", meta)  # the x86 quantizer's kernels are CPU kernels
+                 unknown: bool = True, compile: bool = True) -> None:
+        super().__init__(path, "cpu", meta, unknown)  # the x86 quantizer's kernels are CPU kernels
         file = self.path / PT2_FILE
         if not file.exists():
             raise FoveaError(f"{self.path} says its runtime is torch.export but has no {PT2_FILE}")
@@ -47,6 +47,7 @@ class ExportedModel(Network):
         self.runner: Any = self.module
         if compile:
             self.runner = torch.compile(self.module, dynamic=True)
+        self.load_unknown(exposes_embedding=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # freezing folds weights into constants, which the int8 fusions need; set per call, not globally

@@ -64,8 +64,9 @@ def run_session(sess: Any, images: torch.Tensor, batch_size: int = 256) -> torch
 class OnnxModel(Network):
     """An ONNX artifact (model.onnx + model.json) run by ONNX Runtime."""
 
-    def __init__(self, path: str | Path, device: str = "auto", meta: dict[str, Any] | None = None) -> None:
-        super().__init__(path, device, meta)
+    def __init__(self, path: str | Path, device: str = "auto", meta: dict[str, Any] | None = None,
+                 unknown: bool = True) -> None:
+        super().__init__(path, device, meta, unknown)
         file = self.path / ONNX_FILE
         if not file.exists():
             raise FoveaError(f"{self.path} says its runtime is ONNX Runtime but has no {ONNX_FILE}")
@@ -73,6 +74,7 @@ class OnnxModel(Network):
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs != [INPUT]:
             raise FoveaError(f"{file} takes inputs {inputs}; a Fovea ONNX model takes one, {INPUT!r}")
+        self.load_unknown(exposes_embedding=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return run_session(self.session, images)

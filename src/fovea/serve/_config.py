@@ -28,6 +28,7 @@ class ServeConfig:
     drift_webhook: str | None = None  # POSTed the result when drift is found
     review_below: float = 0.0  # answers less confident than this go to the review queue (0: none)
     consensus: int = 1  # reviewers who must agree before a queued image is labelled
+    unknown: bool = True  # answer "unknown" where the model has a calibrated score (--no-unknown: closed-set)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

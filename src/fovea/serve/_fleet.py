@@ -53,14 +53,20 @@ class Route:
 
 
 def _forward(model: Any) -> Any:
-    """uint8 images -> probabilities (N, C), followed by the penultimate embedding (N, D) where the model has one
-    (kept for drift monitoring; the server splits the columns)."""
+    """uint8 images -> probabilities (N, C), then the unknown score (N, 1) where the model answers "unknown", then
+    the penultimate embedding (N, D) where it has one (kept for drift monitoring): one array through the
+    micro-batcher, whose columns the server splits (``serve._service.split``)."""
     def forward(x: torch.Tensor) -> np.ndarray:
-        probs, emb = model.predict_proba_embed(x)  # embedding None where the runtime exposes none
-        probs = np.asarray(probs, np.float32)
+        out = model.outputs(x, embed=True)
+        probs = np.asarray(out.probabilities, np.float32)
         if not np.isfinite(probs).all():  # a broken model must fail loudly, not answer NaN
             raise FoveaError("the model produced non-finite probabilities")
-        return probs if emb is None else np.concatenate([probs, np.asarray(emb, np.float32)], 1)
+        columns = [probs]
+        if model.answers_unknown:
+            columns.append(np.asarray(out.unknown_scores, np.float32).reshape(-1, 1))
+        if out.embeddings is not None:
+            columns.append(np.asarray(out.embeddings, np.float32))
+        return np.concatenate(columns, 1) if len(columns) > 1 else probs
     return forward
 
 
@@ -96,7 +102,8 @@ class Fleet:
 
     async def _load_version(self, v: model_registry.Version) -> Served:
         loop = asyncio.get_running_loop()
-        model = await loop.run_in_executor(self.executor, model_registry.open_version, v, self.config.device)
+        model = await loop.run_in_executor(self.executor, model_registry.open_version, v, self.config.device,
+                                           self.config.unknown)
         log.info("loaded %s and warmed it up", v.ref)
         return await self._start(v.name, v.version, model, v.digest, v.id)
 
@@ -109,7 +116,8 @@ class Fleet:
         ref, loop = self.config.model, asyncio.get_running_loop()
         folder = Path(ref)
         if (folder / META).exists():
-            model = await loop.run_in_executor(self.executor, load, folder, self.config.device)
+            model = await loop.run_in_executor(self.executor, lambda: load(folder, self.config.device,
+                                                                           unknown=self.config.unknown))
             self.current = await self._start(folder.resolve().name, 0, model, "", None)
             return
         if ":" not in ref and ("/" in ref or folder.exists()):

@@ -63,10 +63,31 @@ async def decode(state: ServerState, model: Any, blobs: list[bytes]) -> Decoded:
                                                             state.config.max_pixels, state.config.log_predictions)
 
 
-def split(s: Served, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """The forward pass returns probabilities and, where the model exposes it, the embedding, side by side."""
+def split(s: Served, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The forward pass returns probabilities, the unknown score (where the model answers "unknown") and the
+    embedding (where the model exposes it) side by side: (probabilities, scores, embeddings)."""
     c = len(s.model.classes)
-    return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
+    scores = out[:, c] if s.model.answers_unknown else None
+    first = c + (1 if scores is not None else 0)
+    return out[:, :c], scores, (out[:, first:] if out.shape[1] > first else None)
+
+
+def answers(s: Served, probs: np.ndarray, scores: np.ndarray | None) -> list[dict[str, Any]]:
+    """One answer per image: the label ("unknown" over the model's threshold), its probability, every class's, and
+    for a model that answers "unknown" its score, the threshold and the class it would otherwise have said."""
+    from fovea.runtime import Outputs
+
+    out = []
+    threshold = s.model.unknown_threshold
+    for k, (label, top, top_class, unknown) in enumerate(Outputs(probs, None, scores).answers(s.model.classes,
+                                                                                               threshold)):
+        a: dict[str, Any] = {"label": label, "probability": top,
+                             "probabilities": {c: float(v) for c, v in zip(s.model.classes, probs[k])}}
+        if scores is not None:
+            a.update(unknown=unknown, unknown_score=float(scores[k]), unknown_threshold=threshold,
+                     class_otherwise=top_class)
+        out.append(a)
+    return out
 
 
 async def run_model(state: ServerState, s: Served, x: torch.Tensor) -> np.ndarray:
@@ -87,9 +108,9 @@ async def predict_files(state: ServerState, s: Served, blobs: list[bytes]) -> tu
     if not kept:
         reasons = "; ".join(f"#{i}: {r}" for i, r in bad)
         raise HTTPProblem(422, f"not a usable image: {reasons}" if len(blobs) > 1 else f"not a usable image: {bad[0][1]}")
-    probs, emb = split(s, await run_model(state, s, x))
+    probs, scores, emb = split(s, await run_model(state, s, x))
     state.metrics.images.labels(str(s.version)).inc(len(kept))
-    return x, probs, kept, bad, {"embeddings": emb, "stats": stats}
+    return x, probs, kept, bad, {"embeddings": emb, "stats": stats, "unknown_scores": scores}
 
 
 def record(state: ServerState, s: Served, request_id: str, blobs: list[bytes], kept: list[int],
@@ -100,7 +121,7 @@ def record(state: ServerState, s: Served, request_id: str, blobs: list[bytes], k
     pl = state.log
     if pl is None:
         return
-    classes = s.model.classes
+    scores = None if seen is None else seen.get("unknown_scores")
     for k, i in enumerate(kept):
         row: dict[str, Any] = {"request_id": request_id, "model_name": s.name, "model_version": s.version,
                                "role": role, "deployment_id": deployment_id, "latency_ms": latency_ms,
@@ -108,10 +129,9 @@ def record(state: ServerState, s: Served, request_id: str, blobs: list[bytes], k
         if probs is None:
             row.update(label="", confidence=0.0, probabilities={}, error=error)
         else:
-            p = probs[k]
-            j = int(p.argmax())
-            row.update(label=classes[j], confidence=float(p[j]),
-                       probabilities={c: float(v) for c, v in zip(classes, p)})
+            a = answers(s, probs[k : k + 1], None if scores is None else scores[k : k + 1])[0]
+            row.update(label=a["label"], confidence=a["probability"], probabilities=a["probabilities"],
+                       unknown_score=a.get("unknown_score"))
         if seen is not None:
             if seen.get("embeddings") is not None:
                 row["embedding"] = np.asarray(seen["embeddings"][k], "<f4").tobytes()
@@ -133,9 +153,9 @@ def in_background(state: ServerState, route: Route, blobs: list[bytes], x: torch
         try:
             if b.model.image_size != route.answer.model.image_size:
                 xb, kept_b, _, _ = await decode(state, b.model, blobs)
-            probs, _ = split(b, await run_model(state, b, xb))
+            probs, scores, _ = split(b, await run_model(state, b, xb))
             record(state, b, request_id, blobs, kept_b, probs, (time.perf_counter() - start) * 1000, client,
-                   route.background_role, route.deployment_id)
+                   route.background_role, route.deployment_id, seen={"unknown_scores": scores})
             outcome = "ok"
         except (ModelFailed, HTTPProblem) as e:
             record(state, b, request_id, blobs, kept_b, None, (time.perf_counter() - start) * 1000, client,
@@ -146,14 +166,15 @@ def in_background(state: ServerState, route: Route, blobs: list[bytes], x: torch
     state.spawn(work())
 
 
-def to_review(state: ServerState, s: Served, request_id: str, unsure: list[tuple[bytes, np.ndarray]]) -> None:
-    """Queue unsure answers for people to label, in the background."""
+def to_review(state: ServerState, s: Served, request_id: str, unsure: list[tuple[bytes, dict[str, Any]]]) -> None:
+    """Queue unsure and unknown answers for people to label, in the background."""
     store = state.store
     assert store is not None
 
     def save() -> None:
-        for blob, p in unsure:
-            review.enqueue(store, s.name, s.version, request_id, blob, {c: float(v) for c, v in zip(s.model.classes, p)})
+        for blob, a in unsure:
+            review.enqueue(store, s.name, s.version, request_id, blob, a["probabilities"],
+                           unknown=bool(a.get("unknown")))
 
     state.spawn(run_in_threadpool(save))
 
@@ -186,12 +207,12 @@ def overlays(s: Served, x: torch.Tensor, method: str) -> list[str]:
 
 
 async def answer(state: ServerState, route: Route, blobs: list[bytes], request_id: str, client: str | None,
-                 start: float, all_or_nothing: bool = False) -> tuple[Route, torch.Tensor, np.ndarray, list[int],
-                                                                      list[tuple[int, str]]]:
+                 start: float, all_or_nothing: bool = False) -> tuple[Route, torch.Tensor, list[dict[str, Any]],
+                                                                      list[int], list[tuple[int, str]]]:
     """Image files answered as the roll-out routes them: a failing canary falls back to production, the
-    shadow or reference sees the same images in the background, every answer is logged, unsure ones go to
-    review. Returns the route that answered, the images, probabilities, indexes decoded and the rest
-    (``all_or_nothing``: one unusable file fails the request, and nothing is logged)."""
+    shadow or reference sees the same images in the background, every answer is logged, unsure and unknown
+    ones go to review. Returns the route that answered, the images, the answers (``answers``), indexes decoded
+    and the rest (``all_or_nothing``: one unusable file fails the request, and nothing is logged)."""
     s = route.answer
     try:
         x, probs, kept, bad, seen = await predict_files(state, s, blobs)
@@ -211,17 +232,28 @@ async def answer(state: ServerState, route: Route, blobs: list[bytes], request_i
         in_background(state, route, blobs, x, kept, request_id, client)
     record(state, s, request_id, blobs, kept, probs, (time.perf_counter() - start) * 1000, client,
            deployment_id=route.deployment_id, seen=seen)
-    unsure = [(blobs[k], p) for k, p in zip(kept, probs) if float(p.max()) < state.config.review_below]
+    given = answers(s, probs, seen.get("unknown_scores"))
+    if any(a.get("unknown") for a in given):
+        state.metrics.unknown.labels(str(s.version)).inc(sum(bool(a.get("unknown")) for a in given))
+    # to people: answers under --review-below, and every image of none of the classes (name it, or a new class)
+    unsure = [(blobs[k], a) for k, a in zip(kept, given) if a.get("unknown") or a["probability"] < state.config.review_below]
     if unsure and state.store is not None:
         to_review(state, s, request_id, unsure)
-    return route, x, probs, kept, bad
+    return route, x, given, kept, bad
 
 
-def _stored_answers(store: Store, s: Served, blobs: list[bytes]) -> dict[int, dict[str, float]]:
-    """{index: probabilities} for the images a batch job already predicted with this model version."""
+def _stored_answers(store: Store, s: Served, blobs: list[bytes]) -> dict[int, dict[str, Any]]:
+    """{index: answer} for the images a batch job already predicted with this model version."""
     prints = [fingerprint(b) for b in blobs]
     found = stored_predictions(store, name=s.name, version=s.version, fingerprints=prints)
-    return {i: dict(found[f]) for i, f in enumerate(prints) if f in found}
+    out = {}
+    for i, f in enumerate(prints):
+        if f in found:
+            probabilities, score = found[f]
+            p = np.array([[probabilities.get(c, 0.0) for c in s.model.classes]], np.float64)  # as stored, exactly
+            scores = None if score is None or not s.model.answers_unknown else np.array([score])
+            out[i] = answers(s, p, scores)[0]
+    return out
 
 
 async def predict(state: ServerState, route: Route, blobs: list[bytes], *, request_id: str, client: str | None,
@@ -233,25 +265,20 @@ async def predict(state: ServerState, route: Route, blobs: list[bytes], *, reque
     if config.hybrid and explain is None:  # precomputed by `fovea batch` with this very version: no inference
         assert state.store is not None  # --hybrid opens the store
         stored = await run_in_threadpool(_stored_answers, state.store, s, blobs)
-        for i, probabilities in stored.items():
-            label = max(probabilities, key=lambda c: probabilities[c])
-            results[i] = {"label": label, "probability": probabilities[label], "probabilities": probabilities,
-                          "source": "batch"}
+        for i, a in stored.items():
+            results[i] = {**a, "source": "batch"}
         online = [i for i in online if i not in stored]
         state.metrics.hybrid_hits.labels(str(s.version)).inc(len(stored))
-    probs, kept, bad, x = np.zeros((0, len(s.model.classes))), [], [], None
+    given: list[dict[str, Any]] = []
+    kept, bad, x = [], [], None
     if online:
-        route, x, probs, kept_o, bad_o = await answer(state, route, [blobs[i] for i in online], request_id, client,
+        route, x, given, kept_o, bad_o = await answer(state, route, [blobs[i] for i in online], request_id, client,
                                                       start)
         s = route.answer
         kept, bad = [online[k] for k in kept_o], [(online[k], r) for k, r in bad_o]
     latency_ms = (time.perf_counter() - start) * 1000
-    for i, p in zip(kept, probs):
-        j = int(p.argmax())
-        results[i] = {"label": s.model.classes[j], "probability": float(p[j]),
-                      "probabilities": {c: float(v) for c, v in zip(s.model.classes, p)}}
-        if config.hybrid:
-            results[i]["source"] = "online"
+    for i, a in zip(kept, given):
+        results[i] = {**a, "source": "online"} if config.hybrid else a
     if explain is not None and x is not None:
         urls = await asyncio.get_running_loop().run_in_executor(state.fleet.executor, overlays, s, x, explain)
         for i, url in zip(kept, urls):
@@ -275,21 +302,26 @@ async def infer(state: ServerState, route: Route, inp: bodies.InferInput, *, cli
     if inp.datatype == "UINT8":  # decoded pixels: answered, not logged (no file to fingerprint) nor shadowed
         x = bodies.pixels(inp, size, state.config.max_images)
         try:
-            probs, _ = split(s, await run_model(state, s, x))
+            probs, scores, _ = split(s, await run_model(state, s, x))
         except ModelFailed as e:
             if route.fallback is None or route.fallback.model.image_size != size:
                 raise HTTPProblem(500, str(e)) from e
             s = route.fallback
-            probs, _ = split(s, await run_model(state, s, x))
+            probs, scores, _ = split(s, await run_model(state, s, x))
+        given = answers(s, probs, scores)
     elif inp.datatype == "BYTES":
         blobs = bodies.files(inp, state.config.max_images)
         # OIP answers one tensor: every input has a row, or the request fails
-        route, _, probs, _, _ = await answer(state, route, blobs, inp.id, client, start, all_or_nothing=True)
+        route, _, given, _, _ = await answer(state, route, blobs, inp.id, client, start, all_or_nothing=True)
         s = route.answer
     else:
         raise HTTPProblem(422, f"datatype {inp.datatype!r} not supported: UINT8 (decoded images) or BYTES (image files)")
-    labels = [s.model.classes[int(p.argmax())] for p in probs]
-    return {"model_name": s.name, "model_version": str(s.version), "id": inp.id,
-            "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [len(probs), len(s.model.classes)],
-                         "data": [float(v) for v in np.asarray(probs).ravel()]},
-                        {"name": "label", "datatype": "BYTES", "shape": [len(labels)], "data": labels}]}
+    c = len(s.model.classes)
+    outputs: list[dict[str, Any]] = [{"name": "probabilities", "datatype": "FP32", "shape": [len(given), c],
+                "data": [float(a["probabilities"][k]) for a in given for k in s.model.classes]},
+               {"name": "label", "datatype": "BYTES", "shape": [len(given)], "data": [a["label"] for a in given]}]
+    if s.model.answers_unknown:  # label "unknown" over the threshold: the score says how far
+        outputs.append({"name": "unknown_score", "datatype": "FP32", "shape": [len(given)],
+                        "data": [float(a["unknown_score"]) for a in given],
+                        "parameters": {"threshold": s.model.unknown_threshold}})
+    return {"model_name": s.name, "model_version": str(s.version), "id": inp.id, "outputs": outputs}

@@ -54,6 +54,8 @@ class Metrics:
         self.drift_alert = Gauge("fovea_drift_alert", "1 when the latest drift check found drift",
                                  ["model_version"], registry=self.registry)
         self.feedback = Counter("fovea_feedback", "True labels received", ["model_version"], registry=self.registry)
+        self.unknown = Counter("fovea_unknown_answers", "Images answered 'unknown' (none of the model's classes)",
+                               ["model_version"], registry=self.registry)
         self.canary_percent = Gauge("fovea_canary_percent", "Share of requests the canary candidate answers",
                                     ["model_version"], registry=self.registry)
 

@@ -29,10 +29,12 @@ def add_feedback(store: Store, *, request_id: str, label: str) -> bool:
 
 
 def stored_predictions(store: Store, *, name: str, version: int,
-                       fingerprints: list[str]) -> dict[str, dict[str, float]]:
-    """{fingerprint: probabilities} of the images a batch job already predicted with this very model version."""
+                       fingerprints: list[str]) -> dict[str, tuple[dict[str, float], float | None]]:
+    """{fingerprint: (probabilities, unknown score)} of the images a batch job already predicted with this very
+    model version."""
     with store.session() as db:
-        rows = db.execute(select(PredictionRecord.fingerprint, PredictionRecord.probabilities).where(
+        rows = db.execute(select(PredictionRecord.fingerprint, PredictionRecord.probabilities,
+                                 PredictionRecord.unknown_score).where(
             PredictionRecord.source == "batch", PredictionRecord.model_name == name, PredictionRecord.model_version == version,
             PredictionRecord.fingerprint.in_(set(fingerprints)))).all()
-    return {f: {k: float(v) for k, v in p.items()} for f, p in rows}
+    return {f: ({k: float(v) for k, v in p.items()}, u) for f, p, u in rows}

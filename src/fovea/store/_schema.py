@@ -130,6 +130,8 @@ class PredictionRecord(Base):
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # float32 little-endian
     error: Mapped[str | None] = mapped_column(Text, nullable=True)  # the model failed on this input (label empty)
     image_stats: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # fovea.monitor.STATS, in order
+    # the model's unknown-image score (label "unknown" when over its threshold); None: a closed-set model
+    unknown_score: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Feedback(Base):

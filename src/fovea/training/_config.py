@@ -48,6 +48,10 @@ class TrainConfig:
     folds: int | None = None  # K-fold cross-validation: K runs on pooled train+val, mean +- spread
     seeds: int = 1  # train N models (seeds seed..seed+N-1) on one split and ensemble them
     tta: bool = True  # average the prediction of the image and its mirror: +0.5-1 point, 2x eval cost
+    # Images of none of the classes answer "unknown": a score fitted on the training images, its threshold set to
+    # keep this share of the validation images (0: closed-set, no score); see fovea.runtime.unknown.
+    unknown_keep: float = 0.95
+    unknown_score: str | None = None  # None: fovea.runtime.unknown.DEFAULT_SCORE (chosen by bench/unknown.py)
     dropout: float | None = None  # None: the architecture's default
     pretrained: bool | None = None  # None: timm hub weights for timm architectures, none for ours
     weights: str | None = None  # a weights file (.safetensors/.pth/.pt) or a Fovea run folder
@@ -116,6 +120,13 @@ class TrainConfig:
         if self.image_size is not None and self.image_size > 2048:
             raise FoveaError(f"--image-size {self.image_size} is over 2048 px; images are cached at that size, "
                              "so it would need gigabytes per hundred images")
+        if not 0 <= self.unknown_keep < 1:
+            raise FoveaError(f"--unknown-keep is the share of known images to keep, in [0, 1) (0: no unknown score), "
+                             f"got {self.unknown_keep}")
+        if self.unknown_score is not None:
+            from fovea.runtime.unknown import create_score
+
+            create_score(self.unknown_score)  # a misspelt name fails now, with "did you mean", not after training
         if self.human_error is not None and not 0 <= self.human_error < 1:
             raise FoveaError(f"--human-error is an error rate in [0, 1), got {self.human_error}")
         if self.group_regex is not None:
@@ -202,6 +213,10 @@ OPTIONS: dict[str, Option] = {
     "seeds": Option("Train N models (seeds seed..seed+N-1) and ensemble them."),
     "human_error": Option("Human-level error (e.g. 0.05) for the bias/variance diagnosis."),
     "tta": Option("Average predictions with the mirrored image.", ("--tta/--no-tta",)),
+    "unknown_keep": Option("Images of none of the classes answer 'unknown': the threshold keeps this share of the "
+                           "validation images (0: no unknown answer)."),
+    "unknown_score": Option("The unknown-image score (default: the one bench/unknown.py picked; see "
+                            "docs/unknown.md)."),
     "dropout": Option("Dropout before the classifier."),
     "device": Option("auto | cpu | cuda"),
     "amp": Option("bf16 mixed precision (default: where native).", ("--amp/--no-amp",)),

@@ -55,6 +55,8 @@ def finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantine
                  "counts": ds.counts(), "quarantined": len(quarantined)},
     }
     save_model(run, fit.model, meta)
+    if len(val_set) and cfg.unknown_keep > 0:
+        metrics["unknown"] = _fit_unknown(run, cfg, train_set, val_set, fit.device)
     if len(val_set):
         _save_reference(run, val_set, fit.device)
     looks = looks_at(fit.model, val_set.images, val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes,
@@ -67,6 +69,28 @@ def finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantine
     (run / "metrics.json").write_text(json.dumps({**metrics, "quarantined": quarantined}, indent=2, default=float))
     log.info("run folder: %s", run)
     return run
+
+
+def _fit_unknown(run: Path, cfg: Any, train_set: ImageSet, val_set: ImageSet, device: torch.device) -> dict[str, Any]:
+    """The unknown-image score, fitted on the training images (no augmentation) through the saved artifact and
+    calibrated on the validation images; its entry (also in model.json), or why there is none."""
+    from fovea.errors import FoveaError
+    from fovea.runtime import UNKNOWN, fit_unknown, load_single
+
+    if UNKNOWN in load_single(run, str(device), unknown=False).classes:
+        log.warning("a class is named %r, so the model cannot also answer it for images of none of its classes: "
+                    "no unknown score", UNKNOWN)
+        return {"skipped": f"a class is named {UNKNOWN!r}"}
+    clock = time.perf_counter()
+    try:
+        entry = fit_unknown(run, load_single(run, str(device), unknown=False), fit_images=train_set.images,
+                            fit_labels=train_set.labels.numpy(), calibration=val_set.images, score=cfg.unknown_score,
+                            keep=cfg.unknown_keep)
+    except FoveaError as e:  # too few validation images, say: the model is still a good closed-set model
+        log.warning("no unknown score: %s", e)
+        return {"skipped": str(e)}
+    log.info("unknown score fitted and calibrated in %.1f s", time.perf_counter() - clock)
+    return {k: entry[k] for k in ("score", "threshold", "keep", "kept", "calibrated_on")}
 
 
 def _save_reference(run: Path, val_set: ImageSet, device: torch.device) -> None:

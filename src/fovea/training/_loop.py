@@ -319,11 +319,13 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
         embed_per_image = timings.get("embed", 0.0) / max(len(train_set) + len(val_set), 1)
 
         def finish_seconds(fit: Fit, fwd_per_image: float) -> float:
-            """What the end of the run takes: validation and training images evaluated with TTA, the drift
-            reference (one more pass over validation), then Grad-CAM and the report (REPORT_SECONDS)."""
+            """What the end of the run takes: validation and training images evaluated with TTA, once more to fit
+            and calibrate the unknown score, the drift reference (one more pass over validation), then Grad-CAM
+            and the report (REPORT_SECONDS)."""
             fwd = max(fwd_per_image, embed_per_image)  # features mode times the head alone per epoch
             tta = 2 if cfg.tta else 1
-            return fwd * (tta * (len(val_set) + len(train_set)) + min(len(val_set), 2000)) + REPORT_SECONDS
+            passes = 2 if cfg.unknown_keep > 0 else 1
+            return fwd * tta * (passes * (len(val_set) + len(train_set)) + min(len(val_set), 2000)) + REPORT_SECONDS
 
         # the user's --epochs is the most a budget may run; the default budget keeps the data-size rule as its cap
         cap = user_epochs if user_epochs is not None else (cfg.epochs if user_time is None else None)

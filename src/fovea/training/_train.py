@@ -100,8 +100,13 @@ def _train_seeds(cfg: TrainConfig, ds: Dataset, out: Path, start: float) -> Path
                            deadline=_share(cfg, start, cfg.seeds - i)))
     make_ensemble(runs, out, progress=cfg.progress)
     # The ensemble on the members' own validation split (one split for all: only the seeds differ).
+    val = load_images(ds.splits["val"], load(out, cfg.device, unknown=False).image_size, cache=cfg.cache,
+                      progress=False)
+    if cfg.unknown_keep > 0 and len(val) >= 20 and all(load(r, "cpu").answers_unknown for r in runs):
+        from fovea.runtime import calibrate_ensemble
+
+        calibrate_ensemble(out, val.images, keep=cfg.unknown_keep, device=cfg.device)
     ens = load(out, cfg.device)
-    val = load_images(ds.splits["val"], ens.image_size, cache=cfg.cache, progress=False)
     members = [json.loads((r / "metrics.json").read_text()) for r in runs]
     metrics: dict[str, Any] = {}
     if len(val):

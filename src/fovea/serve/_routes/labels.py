@@ -57,14 +57,16 @@ async def review_image(review_id: int, store: ViewerStoreDep) -> Response:
 
 @router.post("/v1/reviews/{review_id}")
 async def review_vote(request: Request, review_id: int, state: StateDep, store: ViewerStoreDep) -> dict[str, Any]:
-    """{"label": "dog", "reviewer": "ana"}; "label": "" means none of the classes."""
+    """{"label": "dog", "reviewer": "ana"}; "label": "" means none of the classes; with "new_class": true, a class
+    the model does not have yet."""
     body = await bodies.json_body(request, state.config.max_body_bytes)
     label, reviewer = body.get("label"), body.get("reviewer") or "anonymous"
-    if not isinstance(label, str) or not isinstance(reviewer, str):
-        raise HTTPProblem(422, 'send {"label": "CLASS", "reviewer": "NAME"}')
+    new_class = body.get("new_class", False)
+    if not isinstance(label, str) or not isinstance(reviewer, str) or not isinstance(new_class, bool):
+        raise HTTPProblem(422, 'send {"label": "CLASS", "reviewer": "NAME"} (and "new_class": true for a new class)')
     classes = state.served().model.classes  # 503 only for a vote that is well formed
     try:
-        return await run_in_threadpool(review.vote, store, review_id, label, reviewer, classes,
-                                       state.config.consensus)  # type: ignore[no-any-return]
+        return await run_in_threadpool(lambda: review.vote(store, review_id, label, reviewer, classes,
+                                                           state.config.consensus, new_class=new_class))
     except FoveaError as e:
         raise HTTPProblem(404 if "no review" in str(e) else 409 if "already" in str(e) else 422, str(e)) from e

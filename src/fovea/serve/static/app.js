@@ -67,13 +67,20 @@ function renderPredict() {
       results.replaceChildren(...body.predictions.map((p, i) => {
         const url = URL.createObjectURL(files[i]);
         if (p.error) return h("div", { class: "result" }, h("p", { class: "bad" }, `${files[i].name}: ${p.error}`));
-        return h("div", { class: "result" },
+        const unknown = p.unknown === true;
+        return h("div", { class: unknown ? "result unknown" : "result" },
           h("div", { class: "pair" }, h("img", { src: url, alt: files[i].name }),
             p.overlay ? h("img", { src: p.overlay, alt: "Grad-CAM: where the model looked" }) : h("span")),
-          h("p", {}, h("span", { class: "label", "data-testid": "label" }, p.label), " ",
-            h("span", { class: "muted" }, pct(p.probability))),
+          unknown
+            ? h("div", { class: "none-of-mine", "data-testid": "unknown" },
+                h("p", {}, h("span", { class: "label", "data-testid": "label" }, "None of my classes")),
+                h("p", { class: "muted" }, `Unlike the images it learnt: score ${p.unknown_score.toFixed(3)} over ` +
+                  `its threshold ${p.unknown_threshold.toFixed(3)}. Closest class: ${p.class_otherwise} ` +
+                  `(${pct(p.probability)}). Sent to the review queue, where people can name it.`))
+            : h("p", {}, h("span", { class: "label", "data-testid": "label" }, p.label), " ",
+                h("span", { class: "muted" }, pct(p.probability))),
           bars(p.probabilities),
-          feedbackForm(body.request_id, p.label),
+          unknown ? h("span") : feedbackForm(body.request_id, p.label),
           h("p", { class: "muted" }, `model ${body.model}:${body.model_version} · ${body.latency_ms.toFixed(0)} ms`));
       }));
     } catch (e) { results.replaceChildren(h("p", { class: "bad" }, e.message)); }
@@ -100,29 +107,36 @@ async function renderReview() {
     placeholder: "your name", oninput: () => localStorage.setItem("fovea-reviewer", reviewer.value) });
   const cards = h("div", { class: "cards" });
   main.replaceChildren(h("h1", {}, "Review queue"),
-    h("p", { class: "muted" }, "Uploads the model was unsure of. Keys: ", h("kbd", {}, "j"), "/", h("kbd", {}, "k"),
-      " move, ", h("kbd", {}, "1"), "–", h("kbd", {}, "9"), " choose a class, ", h("kbd", {}, "0"), " none of them."),
+    h("p", { class: "muted" }, "Uploads the model was unsure of, or found like none of its classes. Keys: ",
+      h("kbd", {}, "j"), "/", h("kbd", {}, "k"), " move, ", h("kbd", {}, "1"), "–", h("kbd", {}, "9"),
+      " choose a class, ", h("kbd", {}, "0"), " none of them, ", h("kbd", {}, "n"), " a new class."),
     h("p", {}, h("label", {}, "Reviewer ", reviewer)), cards);
   let data;
   try { data = await api("/v1/reviews"); } catch (e) { cards.replaceChildren(h("p", { class: "bad" }, e.message)); return; }
   if (!data.reviews.length) { cards.replaceChildren(h("p", { class: "muted", id: "empty" }, "Nothing to review.")); return; }
   if (data.consensus > 1) main.insertBefore(h("p", {}, `${data.consensus} reviewers must agree on a label.`), cards);
   for (const r of data.reviews) {
-    const card = h("div", { class: "card", tabindex: 0, "data-id": r.id },
+    const name = h("input", { class: "new-class", "aria-label": "a new class", placeholder: "new class" });
+    const card = h("div", { class: r.predicted === "unknown" ? "card unknown" : "card", tabindex: 0, "data-id": r.id },
       h("img", { src: r.image_url, alt: `upload ${r.id}` }),
-      h("p", {}, "model said ", h("b", {}, r.predicted), ` (${pct(r.confidence)})`),
+      r.predicted === "unknown"
+        ? h("p", {}, "model said ", h("b", {}, "none of my classes"))
+        : h("p", {}, "model said ", h("b", {}, r.predicted), ` (${pct(r.confidence)})`),
       h("p", { class: "muted votes" }, r.votes.map((v) => `${v.reviewer}: ${v.label || "none"}`).join(", ")),
       h("div", { class: "choices" }, data.classes.map((c, i) =>
         h("button", { type: "button", "data-label": c, onclick: () => vote(card, r.id, c) }, `${i + 1} ${c}`)),
-        h("button", { type: "button", "data-label": "", onclick: () => vote(card, r.id, "") }, "0 none")));
+        h("button", { type: "button", "data-label": "", onclick: () => vote(card, r.id, "") }, "0 none")),
+      h("form", { class: "row", onsubmit: (e) => { e.preventDefault(); if (name.value.trim()) vote(card, r.id, name.value.trim(), true); } },
+        name, h("button", { type: "submit" }, "Add class")));
     card.addEventListener("focus", () => { document.querySelectorAll(".card").forEach((x) => x.classList.remove("focused")); card.classList.add("focused"); });
     cards.append(card);
   }
   cards.firstChild.focus();
 
-  async function vote(card, id, label) {
+  async function vote(card, id, label, newClass = false) {
     try {
-      const r = await api(`/v1/reviews/${id}`, { method: "POST", json: { label, reviewer: reviewer.value || "anonymous" } });
+      const r = await api(`/v1/reviews/${id}`, { method: "POST",
+        json: { label, reviewer: reviewer.value || "anonymous", new_class: newClass } });
       if (r.state === "pending") {
         $(".votes", card).textContent = r.votes.map((v) => `${v.reviewer}: ${v.label || "none"}`).join(", ");
         toast("vote recorded; waiting for agreement");
@@ -147,6 +161,9 @@ function reviewKeys(e) {
     const k = Number(e.key);
     const b = k === 0 ? buttons[buttons.length - 1] : k < buttons.length ? buttons[k - 1] : null;
     if (b) b.click();
+  } else if (e.key === "n") {  // name a class the model does not have yet
+    e.preventDefault();
+    $(".new-class", card).focus();
   }
 }
 

@@ -1,0 +1,75 @@
+"""``fovea calibrate-unknown RUN DATA``: give an existing model (or an ensemble) its unknown-image score, or a new
+threshold, from a data set's training and validation splits.
+
+The score is fitted on DATA's training split and its threshold calibrated on its validation split (a split
+layout's ``val/``, or a seeded stratified share of a class-folder tree, as ``fovea train`` splits it). An
+ensemble's members each get their own score, and the ensemble a threshold on the mean of their standardised
+scores. Writes into the model folder: a registered version's files are sealed by their digest, so calibrate the
+run folder and register it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fovea.artifact import read_meta, runtime_of
+from fovea.data import Dataset, discover, load_images
+from fovea.errors import FoveaError
+
+log = logging.getLogger("fovea.training")
+
+
+def calibrate_unknown(run: str | Path, data: str | Path | None = None, *, dataset: Dataset | None = None,
+                      keep: float = 0.95, score: str | None = None, val_fraction: float = 0.2, seed: int = 0,
+                      device: str = "auto", progress: bool = True, cache: bool = True) -> dict[str, Any]:
+    """Fit and calibrate the unknown score of the model in ``run`` on ``data`` (or an already split ``dataset``);
+    returns model.json's new "unknown" entry."""
+    from fovea.runtime import Ensemble, Network, calibrate_ensemble, fit_unknown, load
+
+    run = Path(run)
+    meta = read_meta(run)
+    if dataset is None:
+        if data is None:
+            raise FoveaError("give the data to fit and calibrate on (its train and val splits)")
+        dataset = discover(data, val_fraction, seed)
+    if list(dataset.classes) != list(meta["classes"]):
+        raise FoveaError(f"{data or dataset.root} has classes {', '.join(dataset.classes)}; the model "
+                         f"{', '.join(meta['classes'])}: calibrate on the data it was trained on (or the same classes)")
+    train, val = dataset.splits.get("train", []), dataset.splits.get("val", [])
+    if not train or not val:
+        raise FoveaError(f"{data or dataset.root} needs training images (to fit the score) and validation images "
+                         "(to set its threshold)")
+    model = load(run, device, unknown=False)
+    size = model.image_size
+    fit_set = load_images(train, size, cache=cache, progress=progress, description="decoding train")
+    cal_set = load_images(val, size, cache=cache, progress=progress, description="decoding val")
+    if runtime_of(meta) != "ensemble":
+        assert isinstance(model, Network)
+        entry = fit_unknown(run, model, fit_images=fit_set.images, fit_labels=fit_set.labels.numpy(),
+                            calibration=cal_set.images, score=score, keep=keep)
+        _forget_reference_scores(run)
+        return entry
+    assert isinstance(model, Ensemble)
+    for member in model.members:  # each member its own score, fitted on the same split at its own size
+        if not member.meta.get("unknown") or score is not None:
+            fit_m = load_images(train, member.image_size, cache=cache, progress=False)
+            cal_m = load_images(val, member.image_size, cache=cache, progress=False)
+            fit_unknown(member.path, member, fit_images=fit_m.images, fit_labels=fit_m.labels.numpy(),
+                        calibration=cal_m.images, score=score, keep=keep)
+    return calibrate_ensemble(run, cal_set.images, keep=keep, device=device)
+
+
+def _forget_reference_scores(run: Path) -> None:
+    """The drift reference's unknown scores came from the old score: dropped (its unknown-rate test then waits for
+    ``fovea drift --build-reference``) rather than compared with the new score's."""
+    from fovea.monitor import REFERENCE, load_reference, save_reference
+
+    if (run / REFERENCE).exists():
+        ref = load_reference(run)
+        if ref.unknown_scores is not None:
+            ref.unknown_scores = None
+            save_reference(run, ref)
+            log.info("the drift reference's unknown scores were the old score's: rebuild it to test the unknown "
+                     "rate (fovea drift --model %s --build-reference VALIDATION_DIR)", run)

@@ -1,0 +1,241 @@
+"""Unknown-image scores: hand-computed values, the fitted state's round trip, the threshold's coverage."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from fovea.errors import FoveaError
+from fovea.runtime.unknown import (
+    DEFAULT_KEEP,
+    DEFAULT_SCORE,
+    SCORES,
+    UNKNOWN_FILE,
+    create_score,
+    ledoit_wolf,
+    list_scores,
+    load_unknown,
+    save_unknown,
+    threshold_at,
+)
+
+
+def toy(n: int = 120, d: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two classes of embeddings and the logits of a linear head on them."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    emb = rng.normal(size=(n, d)) + 3 * labels[:, None] + 1.0
+    w = rng.normal(size=(2, d))
+    return emb.astype(np.float32), (emb @ w.T + np.array([0.5, -0.5])).astype(np.float32), labels
+
+
+def fitted(name: str, **params: object):  # noqa: ANN201
+    emb, logits, labels = toy()
+    score = create_score(name, **params)
+    score.fit(embeddings=emb if score.uses_embedding else None, logits=logits, labels=labels)
+    return score
+
+
+# ------------------------------------------------------------------------------------ every registered score
+
+
+@pytest.mark.parametrize("name", sorted(SCORES))
+def test_every_score_round_trips_through_safetensors(name: str, tmp_path) -> None:
+    score = fitted(name)
+    emb, logits, _ = toy(40, seed=1)
+    before = score(embeddings=emb, logits=logits)
+    assert before.shape == (40,) and before.dtype == np.float64 and np.isfinite(before).all()
+
+    entry = save_unknown(tmp_path, score, threshold=1.5, keep=0.95, calibrated_on=40, kept=0.95)
+    assert entry == {"score": name, "params": score.params(), "threshold": 1.5, "keep": 0.95, "calibrated_on": 40,
+                     "kept": 0.95, "file": UNKNOWN_FILE}
+    json.dumps(entry)  # it goes into model.json
+    raw = (tmp_path / UNKNOWN_FILE).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])  # safetensors: a little-endian header length, a JSON header, raw bytes
+    header = json.loads(raw[8 : 8 + n])
+    assert header["__metadata__"]["format"] == "fovea.unknown"
+    assert not raw.startswith(b"\x80")  # not a pickle (protocol 2+ starts with 0x80)
+
+    loaded, threshold = load_unknown(tmp_path, json.loads(json.dumps(entry)))
+    assert threshold == 1.5 and type(loaded) is type(score)
+    np.testing.assert_array_equal(loaded(embeddings=emb, logits=logits), before)
+
+
+@pytest.mark.parametrize("name", sorted(SCORES))
+def test_logit_scores_need_no_embedding_and_embedding_scores_say_so(name: str) -> None:
+    score = fitted(name)
+    _, logits, _ = toy(5)
+    if score.uses_embedding:
+        with pytest.raises(FoveaError, match="embedding"):
+            score(embeddings=None, logits=logits)
+    else:
+        assert score(embeddings=None, logits=logits).shape == (5,)
+
+
+def test_registry_names_and_default() -> None:
+    assert {"msp", "energy", "maxlogit", "mahalanobis", "knn", "vim", "combined"} <= set(list_scores())
+    assert DEFAULT_SCORE in SCORES and DEFAULT_KEEP == 0.95
+
+
+def test_a_misspelt_score_gets_did_you_mean() -> None:
+    with pytest.raises(FoveaError, match="did you mean 'knn'"):
+        create_score("knm")
+    with pytest.raises(FoveaError, match="bad parameters"):
+        create_score("knn", neighbours=3)
+
+
+# ------------------------------------------------------------------------------------------ hand computed
+
+
+def test_msp_energy_maxlogit_by_hand() -> None:
+    logits = np.array([[0.0, math.log(3.0)], [2.0, 2.0]])
+    np.testing.assert_allclose(create_score("msp")(embeddings=None, logits=logits), [0.25, 0.5])
+    # -logsumexp: -log(1 + 3), -(2 + log 2)
+    np.testing.assert_allclose(create_score("energy")(embeddings=None, logits=logits), [-math.log(4), -2 - math.log(2)])
+    # T = 2: -2 log(e^1 + e^1) for logits (2, 2)
+    np.testing.assert_allclose(create_score("energy", temperature=2.0)(embeddings=None, logits=logits)[1],
+                               -2 * (1 + math.log(2)))
+    np.testing.assert_allclose(create_score("maxlogit")(embeddings=None, logits=logits), [-math.log(3), -2.0])
+
+
+def mahalanobis_toy() -> tuple[np.ndarray, np.ndarray]:
+    """Two classes at (0, 0) and (10, 0), each the points mean +- (2, 0), +- (0, 1): the within-class covariance
+    is diag(8/4, 2/4) = diag(2, 0.5)."""
+    offsets = np.array([[2, 0], [-2, 0], [0, 1], [0, -1]], dtype=np.float64)
+    emb = np.vstack([offsets, offsets + [10, 0]])
+    return emb, np.repeat([0, 1], 4)
+
+
+def test_mahalanobis_on_a_known_covariance() -> None:
+    emb, labels = mahalanobis_toy()
+    score = create_score("mahalanobis", shrinkage=0.0)
+    score.fit(embeddings=emb, logits=np.zeros((8, 2)), labels=labels)
+    q = np.array([[1.0, 1.0], [9.0, -0.5]])
+    # (1, 1) to (0, 0): 1/2 + 1/0.5 = 2.5 (to (10, 0): 81/2 + 2); (9, -0.5) to (10, 0): 1/2 + 0.25/0.5 = 1
+    np.testing.assert_allclose(score(embeddings=q, logits=np.zeros((2, 2))), [2.5, 1.0])
+
+    rel = create_score("mahalanobis", shrinkage=0.0, relative=True)
+    rel.fit(embeddings=emb, logits=np.zeros((8, 2)), labels=labels)
+    # the whole set: mean (5, 0), covariance diag(2 + 25, 0.5); (1, 1): 16/27 + 2
+    np.testing.assert_allclose(rel(embeddings=q[:1], logits=np.zeros((1, 2))), [2.5 - (16 / 27 + 2)])
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    x = np.random.default_rng(0).normal(size=(50, 20)) * np.linspace(0.5, 3, 20)
+    x -= x.mean(0)
+    assert ledoit_wolf(x) == pytest.approx(ledoit_wolf_shrinkage(x, assume_centered=True), rel=1e-10)
+
+
+def test_knn_distance_on_a_tiny_bank() -> None:
+    bank = np.array([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])  # unit vectors (1, 0), (0, 1), (-1, 0) once normalised
+    q = np.array([[5.0, 0.0], [1.0, 1.0]])
+    for k, want in ((1, [0.0, math.sqrt(2 - math.sqrt(2))]), (2, [math.sqrt(2), math.sqrt(2 - math.sqrt(2))]),
+                    (3, [2.0, math.sqrt(2 + math.sqrt(2))])):
+        score = create_score("knn", k=k)
+        score.fit(embeddings=bank, logits=np.zeros((3, 2)), labels=np.array([0, 1, 0]))
+        np.testing.assert_allclose(score(embeddings=q, logits=np.zeros((2, 2))), want, atol=1e-7)
+    raw = create_score("knn", k=1, normalize=False)  # plain Euclidean: (5, 0) is 3 from (2, 0)
+    raw.fit(embeddings=bank, logits=np.zeros((3, 2)), labels=np.array([0, 1, 0]))
+    np.testing.assert_allclose(raw(embeddings=q[:1], logits=np.zeros((1, 2))), [3.0], atol=1e-6)
+    sq = create_score("knn", k=1, power=0.5, normalize=False)  # sqrt first: (sqrt 5, 0) vs (sqrt 2, 0)
+    sq.fit(embeddings=bank, logits=np.zeros((3, 2)), labels=np.array([0, 1, 0]))
+    np.testing.assert_allclose(sq(embeddings=q[:1], logits=np.zeros((1, 2))), [math.sqrt(5) - math.sqrt(2)], atol=1e-6)
+    with pytest.raises(FoveaError, match="only 3 training images"):
+        create_score("knn", k=4).fit(embeddings=bank, logits=np.zeros((3, 2)), labels=np.array([0, 1, 0]))
+
+
+def test_vim_residual_outside_the_principal_subspace() -> None:
+    """Training embeddings lie near the plane z = 0; a linear head gives logits (x + 1, -x - 1), so the origin
+    -pinv(W) b is (-1, 0, 0), the discarded direction is z, and an image at height t gets the virtual logit
+    alpha |t|, alpha = mean max logit / mean residual norm on the training images (Wang et al. 2022, eq. 5-7)."""
+    rng = np.random.default_rng(0)
+    emb = np.c_[rng.normal(size=(200, 2)) * [3.0, 2.0], 0.01 * rng.normal(size=200)]
+    logits = np.c_[emb[:, 0] + 1, -emb[:, 0] - 1]
+    score = create_score("vim", dim=2)
+    score.fit(embeddings=emb, logits=logits, labels=(emb[:, 0] > 0).astype(int))
+    np.testing.assert_allclose(score.origin, [-1, 0, 0], atol=1e-9)
+    np.testing.assert_allclose(np.abs(score.basis[:, 0]), [0, 0, 1], atol=1e-2)
+    residual = np.abs((emb - score.origin) @ score.basis[:, 0])
+    assert score.alpha[0] == pytest.approx(logits.max(1).mean() / residual.mean())
+    q = np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.05]])
+    lq = np.c_[q[:, 0] + 1, -q[:, 0] - 1]
+    v = score.alpha[0] * np.abs((q - score.origin) @ score.basis[:, 0])
+    out = score(embeddings=q, logits=lq)
+    np.testing.assert_allclose(out, v - np.log(np.exp(lq).sum(1) + np.exp(v)))
+    assert out[1] > out[0]
+
+
+def test_combined_is_the_sum_of_parts_standardised_out_of_fold() -> None:
+    emb, logits, labels = toy()
+    score = create_score("combined", parts=[{"name": "energy"}, {"name": "knn", "params": {"k": 3}}])
+    score.fit(embeddings=emb, logits=logits, labels=labels)
+    energy = create_score("energy")(embeddings=None, logits=logits)
+    q25, q50, q75 = np.percentile(energy, [25, 50, 75])  # energy needs no fit: out-of-fold = in-sample
+    assert score.center[0] == pytest.approx(q50) and score.scale[0] == pytest.approx(q75 - q25)
+    knn = create_score("knn", k=3)
+    knn.fit(embeddings=emb, logits=logits, labels=labels)
+    e2, l2, _ = toy(10, seed=3)
+    want = ((create_score("energy")(embeddings=None, logits=l2) - score.center[0]) / score.scale[0]
+            + (knn(embeddings=e2, logits=l2) - score.center[1]) / score.scale[1])
+    np.testing.assert_allclose(score(embeddings=e2, logits=l2), want)
+    with pytest.raises(FoveaError, match="did you mean"):
+        create_score("combined", parts=[{"name": "enrgy"}])
+
+
+# ------------------------------------------------------------------------------------------- threshold
+
+
+def test_threshold_keeps_the_share_in_sample() -> None:
+    s = np.random.default_rng(0).standard_normal(100_000)
+    t = threshold_at(s, 0.95)
+    kept = (s <= t).mean()
+    assert 0.95 <= kept <= 0.95 + 2 / len(s)
+    assert threshold_at(np.arange(10.0), 0.95) == 9.0  # too few for the order statistic: the largest
+    with pytest.raises(FoveaError):
+        threshold_at(np.array([]), 0.95)
+    with pytest.raises(FoveaError):
+        threshold_at(np.ones(5), 1.0)
+
+
+def test_threshold_keeps_the_share_out_of_sample() -> None:
+    """Uniform scores: a threshold t keeps exactly t of new images. The ceil((n + 1) keep)-th of n = 99 is
+    Beta(95, 5), mean 0.95; over R draws the mean keep rate of a valid estimator falls more than 3.72 standard
+    errors below 0.95 with probability < 1e-4 (and above 0.95 + 3.72 se: not needlessly conservative)."""
+    n, r, keep = 99, 4000, 0.95
+    rng = np.random.default_rng(0)
+    kept = np.array([threshold_at(rng.random(n), keep) for _ in range(r)])
+    k = math.ceil((n + 1) * keep)
+    se = math.sqrt(k * (n + 1 - k) / ((n + 1) ** 2 * (n + 2)) / r)
+    assert keep - 3.72 * se <= kept.mean() <= keep + 3.72 * se
+
+
+# ------------------------------------------------------------------------------------------- damaged state
+
+
+def test_load_unknown_refuses_a_damaged_or_foreign_entry(tmp_path) -> None:
+    score = fitted("knn", k=3)
+    entry = save_unknown(tmp_path, score, threshold=0.3, keep=0.95, calibrated_on=40, kept=0.95)
+    for bad, match in (({**entry, "score": "knm"}, "not one this Fovea knows"),
+                       ({**entry, "threshold": float("nan")}, "not a finite number"),
+                       ({**entry, "threshold": "0.3"}, "not a finite number"),
+                       ({**entry, "file": "../x.safetensors"}, "a file name"),
+                       ({**entry, "params": {"k": 0}}, "k must be"),
+                       ({**entry, "params": {"neighbours": 3}}, "not its own"),
+                       ("knn", "not an object")):
+        with pytest.raises(FoveaError, match=match):
+            load_unknown(tmp_path, bad)  # type: ignore[arg-type]
+    other = {**entry, "score": "mahalanobis", "params": fitted("mahalanobis").params()}
+    with pytest.raises(FoveaError, match="expected"):  # the arrays of another score
+        load_unknown(tmp_path, other)
+    (tmp_path / UNKNOWN_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(FoveaError, match="cannot read"):
+        load_unknown(tmp_path, entry)
+    (tmp_path / UNKNOWN_FILE).unlink()
+    with pytest.raises(FoveaError, match="cannot read"):
+        load_unknown(tmp_path, entry)
