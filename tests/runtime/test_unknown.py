@@ -19,6 +19,7 @@ from fovea.runtime.unknown import (
     ledoit_wolf,
     list_scores,
     load_unknown,
+    pixel_stats,
     save_unknown,
     threshold_at,
 )
@@ -33,10 +34,22 @@ def toy(n: int = 120, d: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return emb.astype(np.float32), (emb @ w.T + np.array([0.5, -0.5])).astype(np.float32), labels
 
 
+def extra(score, n: int, seed: int = 0) -> dict[str, np.ndarray]:  # noqa: ANN001
+    """The images (N, 3, 8, 8) uint8 and stage statistics (N, 6) the runtime would pass ``score``, when it asks."""
+    rng = np.random.default_rng(seed + 100)
+    out = {}
+    if score.uses_images:
+        out["images"] = rng.integers(0, 256, size=(n, 3, 8, 8), dtype=np.uint8)
+    if score.uses_stages:
+        out["stages"] = rng.normal(size=(n, 6)) * [1, 2, 3, 1, 1, 1]
+    return out
+
+
 def fitted(name: str, **params: object):  # noqa: ANN201
     emb, logits, labels = toy()
     score = create_score(name, **params)
-    score.fit(embeddings=emb if score.uses_embedding else None, logits=logits, labels=labels)
+    score.fit(embeddings=emb if score.uses_embedding else None, logits=logits, labels=labels,
+              **extra(score, len(labels)))
     return score
 
 
@@ -47,7 +60,8 @@ def fitted(name: str, **params: object):  # noqa: ANN201
 def test_every_score_round_trips_through_safetensors(name: str, tmp_path) -> None:
     score = fitted(name)
     emb, logits, _ = toy(40, seed=1)
-    before = score(embeddings=emb, logits=logits)
+    more = extra(score, 40, seed=1)
+    before = score(embeddings=emb, logits=logits, **more)
     assert before.shape == (40,) and before.dtype == np.float64 and np.isfinite(before).all()
 
     entry = save_unknown(tmp_path, score, threshold=1.5, keep=0.95, calibrated_on=40, kept=0.95)
@@ -58,11 +72,13 @@ def test_every_score_round_trips_through_safetensors(name: str, tmp_path) -> Non
     (n,) = struct.unpack("<Q", raw[:8])  # safetensors: a little-endian header length, a JSON header, raw bytes
     header = json.loads(raw[8 : 8 + n])
     assert header["__metadata__"]["format"] == "fovea.unknown"
-    assert not raw.startswith(b"\x80")  # not a pickle (protocol 2+ starts with 0x80)
+    # not a pickle (protocol 2+ starts with 0x80 and the protocol number 2-5; a safetensors header of 384 + 256 k
+    # bytes also starts with 0x80, then 0x01)
+    assert raw[8:9] == b"{" and not (raw[0] == 0x80 and 2 <= raw[1] <= 5)
 
     loaded, threshold = load_unknown(tmp_path, json.loads(json.dumps(entry)))
     assert threshold == 1.5 and type(loaded) is type(score)
-    np.testing.assert_array_equal(loaded(embeddings=emb, logits=logits), before)
+    np.testing.assert_array_equal(loaded(embeddings=emb, logits=logits, **more), before)
 
 
 @pytest.mark.parametrize("name", sorted(SCORES))
@@ -71,14 +87,17 @@ def test_logit_scores_need_no_embedding_and_embedding_scores_say_so(name: str) -
     _, logits, _ = toy(5)
     if score.uses_embedding:
         with pytest.raises(FoveaError, match="embedding"):
-            score(embeddings=None, logits=logits)
+            score(embeddings=None, logits=logits, **extra(score, 5))
     else:
-        assert score(embeddings=None, logits=logits).shape == (5,)
+        assert score(embeddings=None, logits=logits, **extra(score, 5)).shape == (5,)
 
 
 def test_registry_names_and_default() -> None:
-    assert {"msp", "energy", "maxlogit", "mahalanobis", "knn", "vim", "combined"} <= set(list_scores())
+    assert {"msp", "energy", "maxlogit", "mahalanobis", "knn", "vim", "combined", "pixels", "stages"} <= set(list_scores())
     assert DEFAULT_SCORE in SCORES and DEFAULT_KEEP == 0.95
+    default = create_score(DEFAULT_SCORE)
+    # the default reads logits + embedding only: no pixels, no stage hooks at prediction time
+    assert not default.uses_images and not default.uses_stages
 
 
 def test_a_misspelt_score_gets_did_you_mean() -> None:
@@ -186,6 +205,78 @@ def test_combined_is_the_sum_of_parts_standardised_out_of_fold() -> None:
     np.testing.assert_allclose(score(embeddings=e2, logits=l2), want)
     with pytest.raises(FoveaError, match="did you mean"):
         create_score("combined", parts=[{"name": "enrgy"}])
+
+
+def test_pixel_stats_by_hand() -> None:
+    red = np.zeros((1, 3, 4, 4), np.uint8)
+    red[:, 0] = 255  # pure red: saturation 1 everywhere, no edges
+    gray = np.full((1, 3, 4, 4), 128, np.uint8)
+    stripes = np.zeros((1, 3, 4, 4), np.uint8)
+    stripes[:, :, :, 1::2] = 255  # black and white columns: every horizontal step is 1, no vertical step
+    x = np.concatenate([red, gray, stripes])
+    np.testing.assert_allclose(pixel_stats(x, ["color"])[0], [1, 0, 0, 0, 0, 0])
+    np.testing.assert_allclose(pixel_stats(x, ["color"])[2], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    np.testing.assert_allclose(pixel_stats(x, ["saturation"]), [[1, 0, 0], [0, 0, 1], [0, 0, 1]], atol=1e-7)
+    grad = pixel_stats(x, ["gradient"])
+    np.testing.assert_allclose(grad[:2], 0, atol=1e-6)
+    # stripes: |dx| = 1 per channel, |dy| = 0; the inner 2 x 2 Laplacian: 4 v - 2 (1 - v) - 2 v = +-2 everywhere
+    np.testing.assert_allclose(grad[2], [1, 1, 1, 0, 0, 0, 2], atol=1e-6)
+    assert pixel_stats(x, ["saturation", "color"]).shape == (3, 9)
+    with pytest.raises(FoveaError, match="features must be"):
+        create_score("pixels", features=["hue"])
+
+
+def test_stages_score_is_mahalanobis_of_standardised_columns() -> None:
+    """One Gaussian over the points +-(2, 0), +-(0, 1): standardised by sd (sqrt 2, sqrt 0.5) they have the
+    identity covariance, so (1, 1) scores 1/2 + 1/0.5 = 2.5; ``columns`` picks the stage's part."""
+    offsets = np.array([[2, 0], [-2, 0], [0, 1], [0, -1]], dtype=np.float64)
+    stages = np.c_[np.full(4, 7.0), offsets]  # a first, constant column that columns [1, 3) leaves out
+    score = create_score("stages", columns=[1, 3], shrinkage=0.0)
+    assert score.uses_stages and not score.uses_images and not score.uses_embedding
+    score.fit(embeddings=None, logits=np.zeros((4, 2)), labels=np.zeros(4, int), stages=stages)
+    np.testing.assert_allclose(score(embeddings=None, logits=np.zeros((1, 2)), stages=np.array([[7.0, 1.0, 1.0]])),
+                               [2.5])
+    with pytest.raises(FoveaError, match="does not expose"):
+        score(embeddings=None, logits=np.zeros((1, 2)))
+    with pytest.raises(FoveaError, match="give 3 numbers"):
+        create_score("stages", columns=[0, 5]).fit(embeddings=None, logits=np.zeros((4, 2)), labels=np.zeros(4),
+                                                   stages=stages)
+    with pytest.raises(FoveaError, match="columns must be"):
+        create_score("stages", columns=[3, 1])
+
+
+def test_pixels_score_is_mahalanobis_of_the_pixel_statistics() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(50, 3, 6, 6), dtype=np.uint8)
+    score = create_score("pixels", features=["color"], shrinkage=0.0)
+    score.fit(embeddings=None, logits=np.zeros((50, 2)), labels=np.zeros(50, int), images=images)
+    z = pixel_stats(images, ["color"])
+    mean, sd = z.mean(0), z.std(0)
+    cov = np.cov(((z - mean) / sd).T, bias=True)
+    q = rng.integers(0, 256, size=(3, 3, 6, 6), dtype=np.uint8)
+    zq = (pixel_stats(q, ["color"]) - mean) / sd
+    want = np.einsum("ij,jk,ik->i", zq, np.linalg.inv(cov), zq)
+    np.testing.assert_allclose(score(embeddings=None, logits=np.zeros((3, 2)), images=q), want, rtol=1e-6)
+    with pytest.raises(FoveaError, match="pixels"):
+        score(embeddings=None, logits=np.zeros((3, 2)))
+
+
+def test_combined_passes_images_and_stages_to_the_parts_that_read_them() -> None:
+    emb, logits, labels = toy()
+    parts = [{"name": "energy"}, {"name": "pixels", "params": {"features": ["color"]}}]
+    score = create_score("combined", parts=parts)
+    assert score.uses_images and not score.uses_stages  # per instance: the runtime passes images= to this one
+    assert not create_score("combined", parts=[{"name": "energy"}]).uses_images
+    assert create_score("combined", parts=[{"name": "stages"}]).uses_stages
+    more = extra(score, len(labels))
+    score.fit(embeddings=emb, logits=logits, labels=labels, **more)
+    pixels = create_score("pixels", features=["color"])
+    pixels.fit(embeddings=None, logits=logits, labels=labels, **more)
+    e2, l2, _ = toy(10, seed=3)
+    q = extra(score, 10, seed=3)
+    want = ((create_score("energy")(embeddings=None, logits=l2) - score.center[0]) / score.scale[0]
+            + (pixels(embeddings=None, logits=l2, **q) - score.center[1]) / score.scale[1])
+    np.testing.assert_allclose(score(embeddings=e2, logits=l2, **q), want)
 
 
 # ------------------------------------------------------------------------------------------- threshold

@@ -98,7 +98,7 @@ def _carry_unknown(run: Path, folder: Path, base: TorchModel, images: torch.Tens
     artifact's own numerics. ONNX Runtime and torch.export expose no embedding: a score that needs one falls
     back to ``energy`` (logits only, Liu et al. 2020), calibrated the same way; returns that note."""
     from fovea.runtime import fit_unknown, recalibrate_unknown
-    from fovea.runtime.unknown import SCORES
+    from fovea.runtime.unknown import SCORES, create_score
 
     entry = base.meta.get("unknown")
     if not entry or entry.get("score") not in SCORES:
@@ -112,8 +112,9 @@ def _carry_unknown(run: Path, folder: Path, base: TorchModel, images: torch.Tens
         return None
     name = entry["score"]
     note = None
-    if SCORES[name].uses_embedding or getattr(SCORES[name], "uses_stages", False):
-        name, note = "energy", f"no embedding in this runtime: logits-only energy score instead of {entry['score']}"
+    source = create_score(name, **entry.get("params", {}))  # a combined score's needs are its parts'
+    if source.uses_embedding or source.uses_stages or source.uses_images:
+        name, note = "energy", f"this runtime exposes only logits: energy score instead of {entry['score']}"
         _forget_reference_scores(folder)  # the source's scores are another score's: not comparable
     fit_unknown(folder, load_single(folder, "cpu", unknown=False), fit_images=images,
                 fit_labels=np.zeros(len(images), np.int64), calibration=images, score=name,

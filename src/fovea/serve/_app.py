@@ -88,11 +88,10 @@ async def _serving(app: FastAPI, config: ServeConfig, metrics: Metrics) -> Async
         yield state
     finally:
         state.ready = False
-        for task in (controller, watcher):
+        for task in (controller, watcher, *state.tasks):
             if task is not None:
                 task.cancel()
-        for task in list(state.tasks):
-            task.cancel()
+        await asyncio.to_thread(state.checks.shutdown, wait=True)  # a drift check under way finishes first
         await fleet.close()
         decoders.shutdown(wait=False, cancel_futures=True)
         if state.log is not None:

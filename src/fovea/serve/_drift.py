@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
-
 from fovea.errors import FoveaError
 from fovea.serve._fleet import Served
 from fovea.serve._state import ServerState
@@ -55,7 +53,7 @@ def check_once(state: ServerState, s: Served) -> Any:
 
 
 async def watch(state: ServerState) -> None:
-    """DriftCheck the version answering now every ``drift_every_s`` seconds, until cancelled."""
+    """Check the version answering now every ``drift_every_s`` seconds, until cancelled."""
     metrics = state.metrics
     while True:
         await asyncio.sleep(state.config.drift_every_s)
@@ -63,7 +61,7 @@ async def watch(state: ServerState) -> None:
         if s is None:
             continue
         try:
-            result = await run_in_threadpool(check_once, state, s)
+            result = await state.check(check_once, state, s)
         except Exception as e:  # noqa: BLE001 - monitoring must never take the server down
             log.warning("drift check failed: %s", e)
             continue

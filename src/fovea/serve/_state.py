@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,10 @@ class ServerState:
     store: Store | None = None  # None: a model folder served with --no-log and without --hybrid
     log: PredictionLog | None = None  # None: --no-log
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # shadow, reference and review work still running
+    # Drift checks run here, one at a time, and shutting down waits for the one running: a check abandoned at
+    # exit died inside matplotlib's FreeType code drawing its report, and took the process with it (rc 134).
+    checks: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-drift"))
     ready: bool = False  # the model is loaded and warmed up (/v2/health/ready)
 
     def served(self) -> Served:
@@ -78,6 +82,10 @@ class ServerState:
         if not self.ready or self.fleet.current is None:
             raise HTTPProblem(503, "the model is still loading")
         return self.fleet.current
+
+    async def check(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the drift-check thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.checks, fn, *args)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` in the background; nobody waits for it, shutting down cancels it."""

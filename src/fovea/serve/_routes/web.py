@@ -95,7 +95,7 @@ async def drift_now(state: StateDep) -> dict[str, Any]:
     if state.log is None:
         raise HTTPProblem(409, "predictions are not logged (--no-log): there is no traffic to test")
     try:
-        result = await run_in_threadpool(drift.check_once, state, state.served())
+        result = await state.check(drift.check_once, state, state.served())
     except (FoveaError, ValueError) as e:  # a broken reference, too few answers: say so
         raise HTTPProblem(409, str(e)) from e
     if result is None:
