@@ -43,8 +43,10 @@ def main() -> None:
     print(f"machine: {machine()}")
     pets, ants = a.data / "pets", a.data / "hymenoptera"
     if a.calibrate:
-        entry = fovea.training.calibrate_unknown(a.model, pets, progress=False)
         from fovea.monitor import reference_from_folder
+        from fovea.training import calibrate_unknown
+
+        entry = calibrate_unknown(a.model, pets, progress=False)
 
         reference_from_folder(str(a.model), pets / "val")  # the drift reference with the new score
         print(f"calibrated: {entry['score']}, threshold {entry['threshold']:.4g}, kept {entry['kept']:.3f} of "

@@ -150,7 +150,7 @@ def test_compressed_artifacts_answer_unknown_too(run: Path, tmp_path: Path) -> N
     from fovea.runtime.unknown import SCORES
 
     if SCORES[source["score"]].uses_embedding:  # ONNX Runtime exposes no embedding: a logits-only score, said so
-        assert onnx["score"] == "energy" and "no embedding" in onnx["note"] and "unknown" in rows["onnx"]["details"]
+        assert onnx["score"] == "energy" and "only logits" in onnx["note"] and "unknown" in rows["onnx"]["details"]
 
 
 def test_an_ensemble_of_models_with_scores_answers_unknown(run: Path, tiny_pets: Path, tmp_path: Path) -> None:
