@@ -36,7 +36,6 @@ def main() -> None:
 
     import torch
 
-    import fovea
     from fovea._system import machine
 
     torch.set_num_threads(os.cpu_count() or 1)
