@@ -28,7 +28,8 @@ from fovea.errors import FoveaError
     "curl -s --data-binary @cat.jpg 'localhost:8000/v1/predict?explain=gradcam'",
     "fovea serve pets --review-below 0.8 --consensus 2     # unsure uploads to the review queue; 2 must agree",
     "curl -s --data-binary @cat.jpg -H 'Content-Type: image/jpeg' localhost:8000/v1/predict",
-    "curl -s -F file=@cat.jpg -F file=@dog.png localhost:8000/v1/predict"))
+    "curl -s -F file=@cat.jpg -F file=@dog.png localhost:8000/v1/predict",
+    "fovea serve pets --body-timeout 60     # slow uplinks: a minute to send each body"))
 def serve_command(
     model: ModelRefArg,
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -39,6 +40,8 @@ def serve_command(
                                                     "(0: only those already queued).")] = 0.0,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body, in MiB.")] = 20.0,
     timeout: Annotated[float, typer.Option(min=0.001, help="Seconds before a request is answered 504.")] = 30.0,
+    body_timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a client has to send its whole request body "
+                                                     "before it is answered 408 (slow or stalled uploads).")] = 30.0,
     device: DeviceOption = "auto",
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not record predictions in the store.")] = False,
     hybrid: Annotated[bool, typer.Option("--hybrid", help="Answer from predictions `fovea batch` stored for the same "
@@ -67,7 +70,8 @@ def serve_command(
 
     config = serve.ServeConfig(model=model, db=db, device=device, max_batch_size=max_batch_size,
                                max_wait_ms=max_wait_ms, max_body_bytes=int(max_body_mb * 2**20), timeout_s=timeout,
-                               log_predictions=not no_log, hybrid=hybrid, admin_token=admin_token, poll_s=poll,
+                               body_timeout_s=body_timeout, log_predictions=not no_log, hybrid=hybrid,
+                               admin_token=admin_token, poll_s=poll,
                                drift_every_s=parse_duration(drift_every), drift_window=drift_window,
                                drift_webhook=drift_webhook, review_below=review_below, consensus=consensus,
                                unknown=not no_unknown)

@@ -7,24 +7,27 @@ Routes:
     GET  /v1/info, /v1/models, /v1/deployments, /v1/drift; POST /v1/drift/check    read-only, for the web app
     GET  /v1/admin/models, /v1/admin/deployments; POST /v1/admin/deploy, /v1/admin/rollback (bearer token)
     GET  /                              the web app (static files in ./static)
-    GET  /v2/health/live, /v2/health/ready          Open Inference Protocol v2 (KServe, Triton clients)
-    GET  /v2/models/{name}, /v2/models/{name}/ready
-    POST /v2/models/{name}/infer        UINT8 tensors (N, 3, S, S) or BYTES (encoded image files), routed as
-                                        /v1/predict is during a roll-out
+    GET  /v2, /v2/health/live, /v2/health/ready     Open Inference Protocol v2 (KServe, Triton clients)
+    GET  /v2/models/{name}[/versions/{v}], /v2/models/{name}[/versions/{v}]/ready
+    POST /v2/models/{name}/infer        UINT8 tensors (N, 3, S, S) or BYTES (encoded image files), JSON or binary
+                                        tensor data; routed as /v1/predict is during a roll-out
     POST /v2/models/{name}/versions/{v}/infer   one loaded version (production, candidate or previous)
     GET  /metrics                       Prometheus: requests, latency, batch sizes, errors, per model version
 
 Every answer that is not a prediction is a JSON ``{"error": ...}`` with a 4xx status: a non-image is 415 or
-422, a body over the limit 413, a decompression bomb 422, a timeout 504. Decoding runs on worker threads,
-inference on one thread fed by the micro-batcher, logging to the store on another; the event loop only
-routes. Which version answers (production, a canary, a shadow behind it) is the ``Fleet``'s business
-(``_fleet.py``), following the deployments in the store. The model is loaded and warmed up (a batch of 1 and
-a full batch) before /v2/health/ready says yes.
+422, a body over the limit 413, a decompression bomb 422, a timeout 504, a body that does not arrive within
+``body_timeout_s`` 408. A 500 is a model that failed or a bug (logged with its traceback); it is counted on
+/metrics like every other answer. A client that hangs up mid-body is one INFO line (counted as 499). Decoding
+runs on worker threads, inference on one thread fed by the micro-batcher, logging to the store on another; the
+event loop only routes. Which version answers (production, a canary, a shadow behind it) is the ``Fleet``'s
+business (``_fleet.py``), following the deployments in the store. The model is loaded and warmed up (a batch of 1
+and a full batch) before /v2/health/ready says yes.
 
-Where things are: the routes in ``_routes/`` (predict: /v1/predict and /v2; labels: feedback and reviews;
+Where things are: the routes in ``_routes/`` (predict: /v1/predict; oip: /v2; labels: feedback and reviews;
 web: the web app and its read-only routes; admin; metrics) only validate and delegate, through the
 dependencies in ``_deps.py``, to ``_service.py`` (the answer path) and ``_drift.py``; request bodies are read
-and parsed in ``_bodies.py``; ``ServerState`` (``_state.py``) is what the lifespan below opens and closes.
+and parsed in ``_bodies.py``, OIP tensors (JSON or binary) in ``_oip.py``; ``ServerState`` (``_state.py``) is
+what the lifespan below opens and closes; ``Guard`` below counts every answer and enforces the body deadline.
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fovea.errors import FoveaError
 from fovea.serve import _drift
@@ -52,11 +58,92 @@ from fovea.serve._config import CONFIG_ENV, ServeConfig
 from fovea.serve._fleet import Fleet
 from fovea.serve._log import PredictionLog
 from fovea.serve._routes import ROUTERS
-from fovea.serve._state import HTTPProblem, Metrics, ModelFailed, ServerState
+from fovea.serve._state import BodyTimeout, HTTPProblem, Metrics, ModelFailed, ServerState
 from fovea.store import Store
 
 log = logging.getLogger("fovea.serve")
 MAX_ID_CHARS = 200  # X-Client-Id, X-Request-Id
+CLIENT_GONE = 499  # nginx's "client closed request": counted on /metrics, never seen by the client
+
+
+class Guard:
+    """ASGI middleware every HTTP request passes first: X-Client-Id / X-Request-Id over ``MAX_ID_CHARS`` refused
+    (422), the body deadline, a bug answered as a JSON 500, and every answer counted on /metrics, 5xx included.
+
+    Plain ASGI rather than ``@app.middleware("http")``: a bug there escaped to Starlette's outermost handler, past
+    the counting, so no 500 ever reached /metrics; and BaseHTTPMiddleware reads the body in a task of its own, which
+    turns an error raised by ``receive`` (the deadline's 408) into an ExceptionGroup the routes cannot catch.
+
+    The deadline: a body must arrive whole within ``body_timeout_s`` of its first read, or the read raises
+    ``BodyTimeout`` (408) in whichever route is reading it (raw, JSON, multipart, OIP alike). Once the body is in,
+    ``receive`` is passed through untouched: it then only waits for the client to hang up.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, body_timeout_s: float, app_state: Any) -> None:
+        self.app, self.metrics, self.body_timeout_s, self.app_state = app, metrics, body_timeout_s, app_state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status: int | None = None
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        headers = Headers(scope=scope)
+        long = [h for h in ("x-client-id", "x-request-id") if len(headers.get(h, "")) > MAX_ID_CHARS]
+        try:
+            if long:  # they are stored with every answer and echoed back: ids, not payloads
+                answer = JSONResponse({"error": f"{long[0]} is over {MAX_ID_CHARS} characters"}, status_code=422)
+                await answer(scope, receive, sending)
+            else:
+                await self.app(scope, self._timed(receive), sending)
+        except Exception as e:
+            log.error("unexpected error on %s %s", scope["method"], scope["path"], exc_info=e)
+            if status is not None:  # the answer is under way: nothing to do but drop the connection
+                raise
+            answer = JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
+            await answer(scope, receive, sending)
+        finally:
+            if status is not None:  # not a request cancelled before it was answered (the server shutting down)
+                self._count(scope, status, time.perf_counter() - start)
+
+    def _timed(self, receive: Receive) -> Receive:
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        done = False
+
+        async def timed_receive() -> Message:
+            nonlocal deadline, done
+            if done:
+                return await receive()
+            deadline = deadline or loop.time() + self.body_timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.body_timeout_s) from None
+            done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return timed_receive
+
+    def _count(self, scope: Scope, status: int, seconds: float) -> None:
+        path = getattr(scope.get("route"), "path", "unmatched")
+        if path == "/metrics":
+            return
+        version = scope.get("state", {}).get("model_version")  # set by the route that answered
+        if version is None:
+            state: ServerState | None = getattr(self.app_state, "server", None)
+            version = str(state.fleet.current.version) if state and state.fleet.current else "none"
+        self.metrics.requests.labels(path, str(status), version).inc()
+        self.metrics.latency.labels(path, version).observe(seconds)
+        if status >= 400:
+            self.metrics.errors.labels(str(status), version).inc()
 
 
 @asynccontextmanager
@@ -122,40 +209,25 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": "invalid request", "detail": json.loads(json.dumps(e.errors(), default=str))},
-                            status_code=422)
+        errors = json.loads(json.dumps(e.errors(), default=str))
+        first = errors[0] if errors else {}
+        where = " ".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse({"error": f"invalid request: {where}: {first.get('msg', '')}".rstrip(": "),
+                             "detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)  # 405: Allow
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception) -> JSONResponse:  # a bug: still JSON, and logged
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"error": f"internal error: {type(e).__name__}"}, status_code=500)
-
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
-        start = time.perf_counter()
-        long = [h for h in ("x-client-id", "x-request-id") if len(request.headers.get(h, "")) > MAX_ID_CHARS]
-        if long:  # they are stored with every answer and echoed back: ids, not payloads
-            response: Any = JSONResponse({"error": f"{long[0]} is over {MAX_ID_CHARS} characters"}, status_code=422)
-        else:
-            response = await call_next(request)
-        path = getattr(request.scope.get("route"), "path", "unmatched")
-        version = getattr(request.state, "model_version", None)  # set by the route that answered
-        if version is None:
-            state: ServerState | None = getattr(app.state, "server", None)
-            version = str(state.fleet.current.version) if state and state.fleet.current else "none"
-        if path not in ("/metrics",):
-            metrics.requests.labels(path, str(response.status_code), version).inc()
-            metrics.latency.labels(path, version).observe(time.perf_counter() - start)
-            if response.status_code >= 400:
-                metrics.errors.labels(str(response.status_code), version).inc()
-        return response
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect) -> Response:
+        # Not a fault of the server's: one line, no traceback. Nobody reads the answer; /metrics counts it.
+        log.info("client disconnected before sending all of its body: %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_GONE)
 
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(Guard, metrics=metrics, body_timeout_s=config.body_timeout_s, app_state=app.state)
     return app
 
 

@@ -1,7 +1,9 @@
-"""Request bodies: read under the size limit, then parsed into image files, JSON objects or OIP tensors.
+"""Request bodies: read under the size limit, then parsed into image files or JSON objects (OIP tensors: ``_oip``); and
+their declarations in the OpenAPI document (``json_request``, ``IMAGE_REQUEST``).
 
 Every 4xx here is an ``HTTPProblem``: 413 for a body or an image count over its limit, 415 for a content type
-that is not an image, 422 (or 400 for broken multipart) for a body that does not parse.
+that is not an image, 422 (or 400 for broken multipart) for a body that does not parse. A body that does not
+arrive in time is the ``BodyTimeout`` (408) raised by the app's body deadline, passed through untouched.
 """
 
 from __future__ import annotations
@@ -9,16 +11,35 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
 from fastapi import Request
+from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from fovea.serve._config import ServeConfig
 from fovea.serve._state import HTTPProblem
+
+
+def json_request(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
+    """A route's ``openapi_extra`` declaring a JSON body shaped like ``model`` (a flat one: its schema must need no
+    ``$defs``). The routes read the body themselves (``json_body``), under the size limit and the body deadline."""
+    schema = model.model_json_schema()
+    assert "$defs" not in schema, f"{model.__name__} nests models: the OpenAPI document would not resolve them"
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
+
+
+_BINARY = {"type": "string", "format": "binary"}
+IMAGE_REQUEST: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "image/*": {"schema": _BINARY},
+    "application/octet-stream": {"schema": _BINARY},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": _BINARY, "description": "one or more image files"}}}},
+    "application/json": {"schema": {
+        "type": "object", "description": 'base64 image files: {"image": B64} or {"images": [B64, ...]}',
+        "properties": {"image": {"type": "string", "format": "byte"},
+                       "images": {"type": "array", "items": {"type": "string", "format": "byte"}, "minItems": 1}}}},
+}}}
 
 
 def _refuse_declared_length(request: Request, limit: int) -> None:
@@ -39,12 +60,20 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def parse_json(raw: bytes) -> Any:
+    """``raw`` parsed, or 422: json's decoder recurses once per level, so a body nested past the interpreter's
+    recursion limit (~1000 levels; one of 100 000 is 200 kB) raises RecursionError, not ValueError."""
+    try:
+        return json.loads(raw)
+    except RecursionError as e:
+        raise HTTPProblem(422, "the JSON body is nested too deeply") from e
+    except ValueError as e:  # also UnicodeDecodeError
+        raise HTTPProblem(422, f"the body is not valid JSON: {e}") from e
+
+
 async def json_body(request: Request, limit: int) -> dict[str, Any]:
     """A JSON object (an empty body is ``{}``)."""
-    try:
-        obj = json.loads(await read_body(request, limit) or b"{}")
-    except ValueError as e:
-        raise HTTPProblem(422, "the body must be a JSON object") from e
+    obj = parse_json(await read_body(request, limit) or b"{}")
     if not isinstance(obj, dict):
         raise HTTPProblem(422, "the body must be a JSON object")
     return obj
@@ -55,29 +84,52 @@ def check_count(n: int, limit: int) -> None:
         raise HTTPProblem(413, f"{n} images in one request; the limit is {limit}")
 
 
+async def _multipart_files(request: Request, config: ServeConfig) -> list[bytes]:
+    # Read under the size limit first, then parse: Starlette's parser would spool a chunked body (no
+    # Content-Length) of any size to temporary files before a limit could be checked.
+    body = await read_body(request, config.max_body_bytes)
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=config.max_images, max_fields=config.max_images)
+    except (HTTPProblem, ClientDisconnect):  # the body deadline (408), or the client gone: not the body's fault
+        raise
+    except Exception as e:  # noqa: BLE001 - malformed multipart in any of several ways
+        if "Too many" in str(e):  # Starlette's words for a part count over max_files / max_fields
+            raise HTTPProblem(413, f"over {config.max_images} parts in one multipart body; the limit is "
+                                   f"{config.max_images} images per request") from e
+        raise HTTPProblem(400, f"malformed multipart body: {e}") from e
+    try:
+        blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]
+    finally:
+        await form.close()  # the parts spooled to temporary files
+    if not blobs:
+        raise HTTPProblem(422, "the multipart body has no file parts")
+    return blobs
+
+
 async def image_files(request: Request, config: ServeConfig) -> list[bytes]:
     """The image files of a /v1/predict body: raw bytes, multipart file parts, or JSON with base64."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype.startswith("multipart/form-data"):
-        _refuse_declared_length(request, config.max_body_bytes)
-        try:
-            form = await request.form(max_files=config.max_images, max_fields=config.max_images)
-        except Exception as e:  # noqa: BLE001 - malformed multipart in any of several ways
-            raise HTTPProblem(400, f"malformed multipart body: {e}") from e
-        blobs = [await f.read() for _, f in form.multi_items() if hasattr(f, "read")]
-        if not blobs:
-            raise HTTPProblem(422, "the multipart body has no file parts")
+        blobs = await _multipart_files(request, config)
     else:
         body = await read_body(request, config.max_body_bytes)
         if ctype == "application/json":
+            usage = 'JSON must be {"image": BASE64} or {"images": [BASE64, ...]}'
             try:
-                obj = json.loads(body)
+                obj = parse_json(body)
+            except HTTPProblem as e:
+                raise HTTPProblem(422, f"{e.message}: {usage}") from e
+            try:
                 items = obj.get("images") or ([obj["image"]] if "image" in obj else None)
                 if not isinstance(items, list) or not items:
                     raise ValueError
                 blobs = [base64.b64decode(x, validate=True) for x in items]
             except (ValueError, TypeError, AttributeError, KeyError, binascii.Error) as e:
-                raise HTTPProblem(422, 'JSON must be {"image": BASE64} or {"images": [BASE64, ...]}') from e
+                raise HTTPProblem(422, usage) from e
         elif ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
             if not body:
                 raise HTTPProblem(422, "empty body: send the image's bytes")
@@ -86,55 +138,4 @@ async def image_files(request: Request, config: ServeConfig) -> list[bytes]:
             raise HTTPProblem(415, f"content type {ctype!r} is not an image; send image/*, application/octet-stream, "
                                    "multipart/form-data or application/json with base64")
     check_count(len(blobs), config.max_images)
-    return blobs
-
-
-@dataclass
-class InferInput:
-    """The one input of an Open Inference Protocol request."""
-
-    id: str  # the request's id, echoed back (a new one when it has none)
-    datatype: str  # UINT8 (decoded images) or BYTES (image files)
-    shape: list[int]
-    data: list[Any]  # non-empty
-
-
-async def infer_input(request: Request, limit: int) -> InferInput:
-    try:
-        req = json.loads(await read_body(request, limit))
-        if len(req["inputs"]) != 1:
-            raise ValueError("one input")
-        inp = req["inputs"][0]
-        dtype, shape, data = inp["datatype"], [int(d) for d in inp["shape"]], inp["data"]
-        if not isinstance(data, list) or not data:
-            raise ValueError("data")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise HTTPProblem(422, 'expected {"inputs": [{"name", "shape", "datatype", "data"}]}: one input, '
-                               "with its data as a non-empty list") from e
-    return InferInput(str(req.get("id") or uuid.uuid4().hex), dtype, shape, data)
-
-
-def pixels(inp: InferInput, size: int, max_images: int) -> torch.Tensor:
-    """A UINT8 input as images, uint8 (N, 3, size, size)."""
-    shape = inp.shape
-    if len(shape) != 4 or shape[1:] != [3, size, size]:
-        raise HTTPProblem(422, f"UINT8 input must have shape [N, 3, {size}, {size}], got {shape}")
-    try:
-        arr = np.asarray(inp.data).ravel()
-    except ValueError:  # ragged nesting
-        arr = np.asarray([], dtype=np.float64)
-    if (arr.dtype.kind not in "iu" or arr.size != int(np.prod(shape)) or arr.min(initial=0) < 0
-            or arr.max(initial=0) > 255):
-        raise HTTPProblem(422, f"UINT8 data must hold {int(np.prod(shape))} whole numbers in 0..255")
-    check_count(shape[0], max_images)
-    return torch.from_numpy(arr.astype(np.uint8).reshape(shape))
-
-
-def files(inp: InferInput, max_images: int) -> list[bytes]:
-    """A BYTES input as image files (each base64-encoded in the request)."""
-    try:
-        blobs = [base64.b64decode(d, validate=True) for d in inp.data]
-    except (binascii.Error, TypeError, ValueError) as e:
-        raise HTTPProblem(422, "BYTES data must be base64-encoded image files") from e
-    check_count(len(blobs), max_images)
     return blobs

@@ -19,6 +19,10 @@ class ServeConfig:
     max_pixels: int = 64_000_000  # per image, checked from the header before decoding
     max_images: int = 64  # per request
     timeout_s: float = 30.0
+    # Seconds a client has to send its whole body (408 after): without it a client trickling bytes holds a
+    # connection and its buffers forever. At 30 s a typical 3 MiB phone photo needs 0.8 Mbit/s of upload; a body at
+    # the 20 MiB limit needs 5.6 Mbit/s.
+    body_timeout_s: float = 30.0
     log_predictions: bool = True
     hybrid: bool = False  # answer from precomputed batch predictions (same model version, same bytes) when stored
     poll_s: float = 2.0  # how often the server follows the store (production alias, deployments, canary steps)

@@ -1,5 +1,5 @@
 """The routes' dependencies, as ``Annotated`` aliases: the server state, the version answering now, the store
-behind the admin token, and the store behind the read-only and review routes.
+behind the admin token, the store behind the read-only and review routes, and ids as the database holds them.
 
 They are ``async`` so that they run on the event loop: a plain ``def`` dependency would cost every request a
 hop to a worker thread.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 
 from fovea.serve._fleet import Served
 from fovea.serve._state import HTTPProblem, Metrics, ServerState
@@ -77,3 +77,9 @@ async def get_viewer_store(request: Request, state: StateDep) -> Store:
 
 
 ViewerStoreDep = Annotated[Store, Depends(get_viewer_store)]
+
+
+# Review ids and model versions are 64-bit integers in the database: a larger one cannot name a row, and the
+# drivers raise OverflowError on it rather than find nothing. Refused (422) with the bounds in the schema.
+MAX_DB_ID = 2**63 - 1
+DbIdPath = Annotated[int, Path(ge=0, le=MAX_DB_ID, description="a 64-bit id, 0..2^63-1")]

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from fovea import review
 from fovea.errors import ImageError
 from fovea.runtime import TorchModel
-from fovea.serve import _bodies as bodies
+from fovea.serve import _oip as oip
 from fovea.serve._fleet import Route, Served
 from fovea.serve._state import HTTPProblem, ModelFailed, ServerState
 from fovea.store import Store, fingerprint, stored_predictions
@@ -294,13 +294,16 @@ async def predict(state: ServerState, route: Route, blobs: list[bytes], *, reque
     return body
 
 
-async def infer(state: ServerState, route: Route, inp: bodies.InferInput, *, client: str | None,
-                start: float) -> dict[str, Any]:
-    """The Open Inference Protocol answer: the probabilities (N, C) and the labels, as two output tensors."""
+async def infer(state: ServerState, route: Route, req: oip.InferRequest, *, client: str | None,
+                start: float) -> tuple[Served, list[oip.Output]]:
+    """The Open Inference Protocol answer: the version that answered, and its output tensors (probabilities
+    (N, C), labels (N,) and, for a model that answers "unknown", its scores (N,)); ``oip.encode`` picks the ones
+    asked for and frames them."""
     s = route.answer
     size = s.model.image_size
-    if inp.datatype == "UINT8":  # decoded pixels: answered, not logged (no file to fingerprint) nor shadowed
-        x = bodies.pixels(inp, size, state.config.max_images)
+    oip.check_outputs(req, oip.output_names(s.model.answers_unknown))
+    if req.datatype == "UINT8":  # decoded pixels: answered, not logged (no file to fingerprint) nor shadowed
+        x = oip.pixels(req, size, state.config.max_images)
         try:
             probs, scores, _ = split(s, await run_model(state, s, x))
         except ModelFailed as e:
@@ -309,19 +312,16 @@ async def infer(state: ServerState, route: Route, inp: bodies.InferInput, *, cli
             s = route.fallback
             probs, scores, _ = split(s, await run_model(state, s, x))
         given = answers(s, probs, scores)
-    elif inp.datatype == "BYTES":
-        blobs = bodies.files(inp, state.config.max_images)
+    else:  # BYTES: image files (oip.read_request takes no other datatype)
+        blobs = oip.files(req, state.config.max_images)
         # OIP answers one tensor: every input has a row, or the request fails
-        route, _, given, _, _ = await answer(state, route, blobs, inp.id, client, start, all_or_nothing=True)
+        route, _, given, _, _ = await answer(state, route, blobs, req.id, client, start, all_or_nothing=True)
         s = route.answer
-    else:
-        raise HTTPProblem(422, f"datatype {inp.datatype!r} not supported: UINT8 (decoded images) or BYTES (image files)")
-    c = len(s.model.classes)
-    outputs: list[dict[str, Any]] = [{"name": "probabilities", "datatype": "FP32", "shape": [len(given), c],
-                "data": [float(a["probabilities"][k]) for a in given for k in s.model.classes]},
-               {"name": "label", "datatype": "BYTES", "shape": [len(given)], "data": [a["label"] for a in given]}]
+    n, classes = len(given), s.model.classes
+    outputs = [oip.Output("probabilities", "FP32", [n, len(classes)],
+                          np.array([[a["probabilities"][c] for c in classes] for a in given], np.float32)),
+               oip.Output("label", "BYTES", [n], [a["label"] for a in given])]
     if s.model.answers_unknown:  # label "unknown" over the threshold: the score says how far
-        outputs.append({"name": "unknown_score", "datatype": "FP32", "shape": [len(given)],
-                        "data": [float(a["unknown_score"]) for a in given],
-                        "parameters": {"threshold": s.model.unknown_threshold}})
-    return {"model_name": s.name, "model_version": str(s.version), "id": inp.id, "outputs": outputs}
+        outputs.append(oip.Output("unknown_score", "FP32", [n], np.array([a["unknown_score"] for a in given], np.float32),
+                                  {"threshold": s.model.unknown_threshold}))
+    return s, outputs

@@ -1,4 +1,5 @@
-"""What one server process holds while it runs (``ServerState``), its Prometheus metrics, and its two errors."""
+"""What one server process holds while it runs (``ServerState``), its Prometheus metrics, its errors and the
+schema of their answers (``Problem``, declared on every route with ``problems``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import concurrent.futures
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import BaseModel
 
 from fovea.serve._config import ServeConfig
 from fovea.serve._fleet import Fleet, Served
@@ -22,8 +25,46 @@ class HTTPProblem(Exception):
         self.status, self.message = status, message
 
 
+class BodyTimeout(HTTPProblem):
+    """The client did not send its whole body in time (a slow or stalled upload): 408."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {timeout_s:g} s; send it faster or in "
+                              "smaller pieces")
+
+
 class ModelFailed(Exception):
     """The model raised (or produced non-finite output) on a request's images."""
+
+
+class Problem(BaseModel):
+    """An answer that is not a success. ``detail`` is there only for a request that failed FastAPI's validation
+    (a path or query parameter of the wrong type or out of range)."""
+
+    error: str
+    detail: list[dict[str, Any]] | None = None
+
+
+_MEANING = {
+    400: "Malformed multipart body",
+    401: "Wrong or missing admin token (the server has one: 'Authorization: Bearer TOKEN')",
+    403: "Admin routes are off (the server was started without --admin-token)",
+    404: "No such model, version, review or file",
+    408: "The request body did not arrive within the body timeout (--body-timeout)",
+    409: "Not possible in this server's state (no store, a deployment already running, nothing to test)",
+    413: "A body or an image count over its limit",
+    415: "A content type that is not an image",
+    422: "A body or parameter that does not parse or is out of range, a non-image, a decompression bomb, or an "
+         "X-Client-Id / X-Request-Id over 200 characters",
+    500: "The model failed on these images",
+    503: "The model is still loading (or the server is shutting down)",
+    504: "No answer within the inference timeout (--timeout)",
+}
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: each of ``statuses`` answered as a ``Problem``, with what it means."""
+    return {status: {"model": Problem, "description": _MEANING[status]} for status in statuses}
 
 
 class Metrics:

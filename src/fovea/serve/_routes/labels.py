@@ -7,19 +7,34 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from fovea import review
 from fovea.errors import FoveaError
 from fovea.serve import _bodies as bodies
-from fovea.serve._deps import ServedDep, StateDep, ViewerStoreDep
-from fovea.serve._state import HTTPProblem
+from fovea.serve._deps import DbIdPath, ServedDep, StateDep, ViewerStoreDep
+from fovea.serve._state import HTTPProblem, problems
 from fovea.store import add_feedback
 
 router = APIRouter()
+VIEWER = (401, 403, 409, 422, 503)  # the token (when the server has one), the store (when it keeps none)
+BODY = (408, 413, 422)
 
 
-@router.post("/v1/feedback")
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(min_length=1, description="the request_id of an answer from /v1/predict")
+    label: str = Field(description="its true class: one of the model's classes")
+
+
+class VoteRequest(BaseModel):
+    label: str = Field(description='a class; "" for none of them; a new one with new_class')
+    reviewer: str = "anonymous"
+    new_class: bool = False
+
+
+@router.post("/v1/feedback", status_code=201, openapi_extra=bodies.json_request(FeedbackRequest),
+             responses=problems(*BODY, 409, 503))
 async def feedback(request: Request, state: StateDep, served: ServedDep) -> JSONResponse:
     """{"request_id": "...", "label": "dog"}: the true label of an answered request (concept drift, retraining)."""
     body = await bodies.json_body(request, state.config.max_body_bytes)
@@ -35,7 +50,7 @@ async def feedback(request: Request, state: StateDep, served: ServedDep) -> JSON
     return JSONResponse({"request_id": request_id, "label": label, "matched": matched}, status_code=201)
 
 
-@router.get("/v1/reviews")
+@router.get("/v1/reviews", responses=problems(*VIEWER))
 async def list_reviews(state: StateDep, store: ViewerStoreDep, served: ServedDep,
                        which: str = Query("pending", alias="state"), limit: int = 100) -> dict[str, Any]:
     rows = await run_in_threadpool(review.reviews, store, served.name, which, min(max(limit, 1), 500))
@@ -44,8 +59,9 @@ async def list_reviews(state: StateDep, store: ViewerStoreDep, served: ServedDep
     return {"classes": served.model.classes, "consensus": state.config.consensus, "reviews": rows}
 
 
-@router.get("/v1/reviews/{review_id}/image")
-async def review_image(review_id: int, store: ViewerStoreDep) -> Response:
+@router.get("/v1/reviews/{review_id}/image", response_class=FileResponse,
+            responses={200: {"content": {"image/*": {}}, "description": "The queued image"}, **problems(404, *VIEWER)})
+async def review_image(review_id: DbIdPath, store: ViewerStoreDep) -> Response:
     try:
         row = await run_in_threadpool(review.get, store, review_id)
     except FoveaError as e:
@@ -55,8 +71,9 @@ async def review_image(review_id: int, store: ViewerStoreDep) -> Response:
     return FileResponse(row.path)
 
 
-@router.post("/v1/reviews/{review_id}")
-async def review_vote(request: Request, review_id: int, state: StateDep, store: ViewerStoreDep) -> dict[str, Any]:
+@router.post("/v1/reviews/{review_id}", openapi_extra=bodies.json_request(VoteRequest),
+             responses=problems(*BODY, 404, *VIEWER))
+async def review_vote(request: Request, review_id: DbIdPath, state: StateDep, store: ViewerStoreDep) -> dict[str, Any]:
     """{"label": "dog", "reviewer": "ana"}; "label": "" means none of the classes; with "new_class": true, a class
     the model does not have yet."""
     body = await bodies.json_body(request, state.config.max_body_bytes)

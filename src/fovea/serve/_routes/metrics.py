@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from fovea.serve._deps import MaybeStateDep, MetricsDep
 
 router = APIRouter()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text exposition format"}})
 async def prometheus(metrics: MetricsDep, state: MaybeStateDep) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 

@@ -15,10 +15,11 @@ from fovea import deploy, model_registry
 from fovea.errors import FoveaError
 from fovea.runtime import TorchModel
 from fovea.serve import _drift as drift
-from fovea.serve._deps import ServedDep, StateDep, ViewerStoreDep, get_viewer_store
-from fovea.serve._state import HTTPProblem
+from fovea.serve._deps import DbIdPath, ServedDep, StateDep, ViewerStoreDep, get_viewer_store
+from fovea.serve._state import HTTPProblem, problems
 
 router = APIRouter()
+VIEWER = problems(401, 403, 409, 422, 503)  # the token (when the server has one), the store (when it keeps none)
 STATIC = Path(__file__).parent.parent / "static"
 
 
@@ -34,7 +35,7 @@ async def static_file(name: str) -> Response:
     return FileResponse(STATIC / name)
 
 
-@router.get("/v1/info")
+@router.get("/v1/info", responses=problems(422, 503))
 async def about(state: StateDep, s: ServedDep) -> dict[str, Any]:
     config = state.config
     return {"model": s.name, "version": s.version, "classes": s.model.classes,
@@ -43,7 +44,7 @@ async def about(state: StateDep, s: ServedDep) -> dict[str, Any]:
             "follows_deployments": bool(state.fleet.follows)}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=VIEWER)
 async def models(store: ViewerStoreDep, served: ServedDep) -> dict[str, Any]:
     try:
         versions = await run_in_threadpool(model_registry.versions, served.name, store=store)
@@ -59,7 +60,7 @@ async def models(store: ViewerStoreDep, served: ServedDep) -> dict[str, Any]:
 
 
 @router.get("/v1/models/{version}/report", include_in_schema=False)
-async def model_report(version: int, store: ViewerStoreDep, served: ServedDep) -> Response:
+async def model_report(version: DbIdPath, store: ViewerStoreDep, served: ServedDep) -> Response:
     try:
         v = await run_in_threadpool(model_registry.resolve, f"{served.name}:{version}", store=store)
     except FoveaError as e:
@@ -70,12 +71,12 @@ async def model_report(version: int, store: ViewerStoreDep, served: ServedDep) -
     return FileResponse(path)
 
 
-@router.get("/v1/deployments")
+@router.get("/v1/deployments", responses=VIEWER)
 async def list_deployments(store: ViewerStoreDep, served: ServedDep) -> dict[str, Any]:
     return {"deployments": await run_in_threadpool(deploy.overview, served.name, store=store)}
 
 
-@router.get("/v1/drift", dependencies=[Depends(get_viewer_store)])
+@router.get("/v1/drift", responses=VIEWER, dependencies=[Depends(get_viewer_store)])
 async def drift_history(served: ServedDep, last: int = 200) -> dict[str, Any]:
     path = drift.folder(served) / "history.jsonl"
     lines = path.read_text().splitlines()[-max(1, min(last, 5000)):] if path.exists() else []
@@ -90,7 +91,7 @@ async def drift_report(served: ServedDep) -> Response:
     return FileResponse(path)
 
 
-@router.post("/v1/drift/check", dependencies=[Depends(get_viewer_store)])
+@router.post("/v1/drift/check", responses=VIEWER, dependencies=[Depends(get_viewer_store)])
 async def drift_now(state: StateDep) -> dict[str, Any]:
     if state.log is None:
         raise HTTPProblem(409, "predictions are not logged (--no-log): there is no traffic to test")
