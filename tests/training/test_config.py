@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fovea.errors import FoveaError
 from fovea.training._config import GPU_CNN_WIDTHS, TrainConfig, resolve
+from fovea.training._loop import logit_norm
 
 
 def _resolve(device: str, n_train: int, model: str = "cnn", **kw: object) -> tuple[TrainConfig, dict[str, str]]:
@@ -36,3 +42,16 @@ def test_epochs_shrink_with_more_data_within_bounds() -> None:
     assert _resolve("cpu", 100_000)[0].epochs == 10
     assert _resolve("cuda", 100_000)[0].epochs == 20
     assert _resolve("cpu", 2000, model="resnet18")[0].image_size == 160
+
+
+def test_logit_norm_loss_ignores_the_logits_scale_and_a_bad_tau_fails() -> None:
+    z, y = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    loss = F.cross_entropy(logit_norm(z, 0.04), y)
+    # LogitNorm: growing the logits (what plain cross-entropy rewards) no longer lowers the loss
+    assert torch.allclose(F.cross_entropy(logit_norm(7.5 * z, 0.04), y), loss)
+    assert F.cross_entropy(7.5 * z, y) != F.cross_entropy(z, y)
+    assert torch.allclose(logit_norm(z, 0.04).norm(dim=1), torch.full((16,), 25.0))  # norm 1 / tau
+    assert torch.equal(logit_norm(z, 0.0), z)  # 0: off, plain cross-entropy
+    TrainConfig(data="d", logit_norm=0.04).validate()
+    with pytest.raises(FoveaError, match="--logit-norm .* >= 0, got -0.04"):
+        TrainConfig(data="d", logit_norm=-0.04).validate()

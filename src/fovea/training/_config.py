@@ -37,6 +37,11 @@ class TrainConfig:
     weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw
     schedule: str = "onecycle"  # one-cycle (Smith 2018) trains fastest in a fixed budget
     label_smoothing: float = 0.1  # cheap calibration + regularization on small data
+    # LogitNorm (Wei et al. 2022): the loss sees logits / (||logits|| x tau), so training cannot lower it by
+    # growing the logits' norm, which makes every input look confident; tau ~0.04 in the paper. 0: off. Not a
+    # default: at 0.04 the pets cnn (60 epochs) fell from 87.5 % to 73.7 % and its unknown-image AUROC on
+    # ants/bees from 0.854 to 0.737 (docs/unknown.md, "Training-time regularisers").
+    logit_norm: float = 0.0
     augment: str | None = None  # None: "standard" (random resized crop + flip)
     mixup: float | None = None  # mixup Beta(alpha) (Zhang et al. 2018); None: 0.8 with --augment strong, else off
     cutmix: float | None = None  # cutmix Beta(alpha) (Yun et al. 2019); None: 1.0 with --augment strong, else off
@@ -155,6 +160,9 @@ class TrainConfig:
             raise FoveaError(f"--lr must be in (0, 10), got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise FoveaError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.logit_norm < 0:
+            raise FoveaError(f"--logit-norm is LogitNorm's temperature tau (e.g. 0.04; 0 turns it off), so >= 0, "
+                             f"got {self.logit_norm}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +208,8 @@ OPTIONS: dict[str, Option] = {
     "weight_decay": Option("L2 weight decay."),
     "schedule": Option("onecycle | cosine | constant"),
     "label_smoothing": Option("Label smoothing."),
+    "logit_norm": Option("LogitNorm: the loss sees the logits divided by their L2 norm x this temperature (e.g. "
+                         "0.04; 0 off), so unfamiliar images are not scored as confidently (Wei et al. 2022)."),
     "augment": Option("none | flip | light (translate+flip) | standard (random resized crop+flip) | strong (+rotation, "
                       "colour jitter, random erasing, mixup/cutmix)"),
     "mixup": Option("Mixup alpha (0 off; default 0.8 with --augment strong)."),

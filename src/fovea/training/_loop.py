@@ -45,6 +45,12 @@ REPORT_SECONDS = 6.0
 BUDGET_MARGIN = 0.02
 
 
+def logit_norm(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """What the loss sees with --logit-norm tau (LogitNorm, Wei et al. 2022): the logits scaled to norm 1 / tau;
+    tau 0: the logits themselves."""
+    return logits / (logits.norm(dim=-1, keepdim=True).clamp_min(1e-7) * tau) if tau else logits
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
     if groups is None:
@@ -352,10 +358,11 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
             if mixer is not None:
                 x, soft = mixer(x, y)  # soft targets carry the label smoothing
                 logits = net(x)
-                loss = F.cross_entropy(logits.float(), soft, weight=class_weight)
+                loss = F.cross_entropy(logit_norm(logits.float(), cfg.logit_norm), soft, weight=class_weight)
             else:
                 logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logit_norm(logits.float(), cfg.logit_norm), y, weight=class_weight,
+                                       label_smoothing=cfg.label_smoothing)
         if cfg.l1:
             loss = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params if p.requires_grad)
         opt.zero_grad(set_to_none=True)

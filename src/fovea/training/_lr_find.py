@@ -32,7 +32,7 @@ from fovea.models import default_config, source_of
 from fovea.models.backbone import load_weights, read_weights
 from fovea.runtime import autocast, pick_device
 from fovea.training._config import TrainConfig, preprocess_steps, resolve
-from fovea.training._loop import _follow_weights_run, build_model, make_optimizer
+from fovea.training._loop import _follow_weights_run, build_model, logit_norm, make_optimizer
 from fovea.training._modes import finetune_param_groups
 
 log = logging.getLogger("fovea.training")
@@ -173,6 +173,7 @@ def range_test(step: Callable[[torch.Tensor, torch.Tensor, float], float],
 
 # Options a user may set that change what a learning rate means, with TrainConfig's defaults.
 _PASSED_ON = {"weight_decay": ("--weight-decay", None), "label_smoothing": ("--label-smoothing", 0.1),
+              "logit_norm": ("--logit-norm", 0.0),
               "augment": ("--augment", None), "dropout": ("--dropout", None), "device": ("--device", "auto"),
               "preprocess": ("--preprocess", ())}
 
@@ -284,7 +285,7 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         with autocast(device, bool(cfg.amp)):
-            loss = loss_fn(model(x).float(), y)
+            loss = loss_fn(logit_norm(model(x).float(), cfg.logit_norm), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
