@@ -5,7 +5,10 @@ trickled in forever, client disconnects logged as errors, and too many multipart
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +171,43 @@ def test_an_unknown_deploy_strategy_is_a_bad_request_not_a_conflict(run: Path) -
         r = c.post("/v1/admin/deploy", json={"model": "cnn:0", "strategy": "yolo"},
                    headers={"authorization": "Bearer t"})
         assert r.status_code == 422 and "choose from shadow, canary, blue-green" in r.json()["error"]
+
+
+def test_huge_uploads_decode_one_at_a_time_while_others_are_answered(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two uploads over the large-request threshold hold the large decoder thread (here: until released); a small
+    request meanwhile is answered at once, and a large one still waiting past the time limit is a 504 saying why."""
+    from PIL import Image
+
+    from fovea.serve import _service
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (side, side), (200, 120, 40)).save(buf, "PNG")
+        return buf.getvalue()
+
+    release = threading.Event()
+    real = _service.decode_files
+
+    def decode_files(model: Any, blobs: list[bytes], *a: Any) -> Any:
+        if len(blobs) > 1:  # a large upload: as slow as it likes, until released
+            release.wait(20)
+        return real(model, blobs, *a)
+
+    monkeypatch.setattr(_service, "decode_files", decode_files)
+    monkeypatch.setattr(_service, "LARGE_REQUEST_PIXELS", 100_000)
+    big, small = [("file", (f"{i}.png", png(400), "image/png")) for i in range(2)], png(40)
+    with client(run, log_predictions=False, timeout_s=3.0) as c:
+        answers: list[Any] = []
+        uploads = [threading.Thread(target=lambda: answers.append(c.post("/v1/predict", files=big)))
+                   for _ in range(2)]
+        for t in uploads:
+            t.start()
+        time.sleep(0.3)  # both are in: one decoding, one queued behind it
+        r = c.post("/v1/predict", content=small, headers={"content-type": "image/png"})
+        assert r.status_code == 200 and not release.is_set() and not answers  # answered while both still wait
+        for t in uploads:
+            t.join(30)
+        release.set()
+    # the first holds the thread past the 3 s limit (504); the second waited behind it (504): both say why
+    assert sorted(a.status_code for a in answers) == [504, 504]
+    assert all("megapixels" in a.json()["error"] and "send smaller images" in a.json()["error"] for a in answers)

@@ -181,6 +181,7 @@ async def _serving(app: FastAPI, config: ServeConfig, metrics: Metrics) -> Async
         await asyncio.to_thread(state.checks.shutdown, wait=True)  # a drift check under way finishes first
         await fleet.close()
         decoders.shutdown(wait=False, cancel_futures=True)
+        state.large_decoders.shutdown(wait=False, cancel_futures=True)
         if state.log is not None:
             await run_in_threadpool(state.log.close)
 

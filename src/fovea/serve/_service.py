@@ -56,11 +56,28 @@ def decode_files(model: Any, blobs: list[bytes], max_pixels: int, stats: bool = 
     return x, kept, bad, image_stats(x, [header_size(blobs[i]) for i in kept]) if stats else None
 
 
+# A request holding more pixels than this (by the files' headers; about a 16-megapixel photo) decodes on the large
+# decoder thread. Before, two concurrent uploads of 64 PNGs just under the pixel guard took both decoder threads
+# of a 2-core machine and held every other request for ~48 s (issue 18).
+LARGE_REQUEST_PIXELS = 16_000_000
+
+
 async def decode(state: ServerState, model: Any, blobs: list[bytes]) -> Decoded:
-    # A pool of its own, one thread per core: decoding on the 40 threads of the default pool gave glibc a
+    """``decode_files`` on a decoder thread, within the request's time limit (504 past it, saying why)."""
+    from fovea.monitor import header_size
+
+    pixels = sum(w * h for w, h in map(header_size, blobs))  # headers only: microseconds an image
+    # Pools of their own, one thread per core: decoding on the 40 threads of the default pool gave glibc a
     # malloc arena per thread, each keeping freed image buffers (resident memory grew through a soak).
-    return await asyncio.get_running_loop().run_in_executor(state.decoders, decode_files, model, blobs,
-                                                            state.config.max_pixels, state.config.log_predictions)
+    pool = state.large_decoders if pixels > LARGE_REQUEST_PIXELS else state.decoders
+    job = asyncio.get_running_loop().run_in_executor(pool, decode_files, model, blobs, state.config.max_pixels,
+                                                     state.config.log_predictions)
+    try:
+        return await asyncio.wait_for(job, state.config.timeout_s)
+    except TimeoutError:
+        raise HTTPProblem(504, f"decoding {len(blobs)} images of {pixels / 1e6:,.0f} megapixels in all took over "
+                               f"{state.config.timeout_s:g} s (requests over {LARGE_REQUEST_PIXELS / 1e6:g} "
+                               "megapixels decode one at a time): send smaller images") from None
 
 
 def split(s: Served, out: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

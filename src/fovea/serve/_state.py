@@ -109,6 +109,10 @@ class ServerState:
     metrics: Metrics
     fleet: Fleet  # the versions held, and which one answers each request
     decoders: concurrent.futures.ThreadPoolExecutor  # image decoding (see _service.decode for why a pool of its own)
+    # Requests holding more than _service.LARGE_REQUEST_PIXELS decode here, one at a time, so that huge uploads
+    # queue behind each other instead of taking every decoder from everyone else.
+    large_decoders: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-decode-large"))
     store: Store | None = None  # None: a model folder served with --no-log and without --hybrid
     log: PredictionLog | None = None  # None: --no-log
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # shadow, reference and review work still running
