@@ -89,9 +89,9 @@ def test_a_time_budget_sets_the_epochs_and_the_schedule_ends(tiny_pets: Path, tm
                       out=str(tmp_path / "run"), progress=False)
     config = json.loads((run / "train_config.json").read_text())
     history = list(csv.DictReader((run / "history.csv").open()))
-    # what the budget planned is what ran, far fewer than the 80 epochs 80 images get without one (how many
-    # depends on the machine's speed: 1 on a loaded 2-core machine, ~5 on an idle one)
-    assert config["epochs"] == len(history) and 1 <= len(history) < 80
+    # what the budget planned is what ran: as many epochs as fit in 12 s on this machine (1 on a loaded 2-core
+    # machine, 129 on an idle one: with --time and no --epochs the budget alone decides)
+    assert config["epochs"] == len(history) >= 1
     steps = int(history[-1]["epoch"]) * (80 // config["batch_size"])
     last = lr_at(steps - 1, steps, config["lr"], "onecycle")
     assert float(history[-1]["lr"]) == pytest.approx(last, rel=1e-6)  # the one-cycle schedule's own end
