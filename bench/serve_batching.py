@@ -191,13 +191,19 @@ def server(model: str, port: int, batch: int, wait_ms: float, log: Path, threads
         try:
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: the lifespan stops the batcher
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, 15)
+
+
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGINT (uvicorn's graceful shutdown: the lifespan stops the batcher and flushes the log), then SIGKILL
+    after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def wait_ready(proc: subprocess.Popen, base: str, log: Path, timeout: float = 180.0) -> float:

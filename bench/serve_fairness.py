@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import io
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_batching import closed_loop, machine, port_free, read_images, wait_ready  # noqa: E402 - sibling bench
+from serve_batching import closed_loop, machine, port_free, read_images, stop, wait_ready  # noqa: E402 - sibling bench
 
 SIDE = 7990  # just under the default pixel guard of 64 million
 
@@ -98,12 +97,7 @@ async def run(args: argparse.Namespace) -> None:
                     print(f"| {'shared (before)' if shared else 'large requests apart'} | {'2' if bomb_on else 'none'} "
                           f"| {load.p50_ms:.1f} | {load.p99_ms:.1f} | {load.ok} ({load.errors} errors) | {codes or '-'} |", flush=True)
             finally:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop(proc, 20)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_batching import Images, Load, closed_loop, machine, port_free, read_images, wait_ready  # noqa: E402
+from serve_batching import Images, Load, closed_loop, machine, port_free, read_images, stop, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -278,13 +278,7 @@ def started(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> Iterat
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, 20)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
             for _ in range(50):  # until the last of them has let go of the port the next server binds

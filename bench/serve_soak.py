@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_batching import closed_loop, read_images, wait_ready  # noqa: E402 - the sibling benchmark's client
+from serve_batching import closed_loop, read_images, stop, wait_ready  # noqa: E402 - the sibling benchmark's client
 
 
 def rss_mib(pid: int) -> float:
@@ -59,12 +58,7 @@ async def soak(args: argparse.Namespace, home: Path) -> None:
         samples.append((args.seconds + 10, rss_mib(proc.pid)))
         alive = proc.poll() is None
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc, 30)
     from sqlalchemy import func, select
 
     from fovea.store import PredictionRecord, Store
