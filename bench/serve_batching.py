@@ -43,10 +43,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -192,6 +193,21 @@ def server(model: str, port: int, batch: int, wait_ms: float, log: Path, threads
             yield proc
         finally:
             stop(proc, 15)
+
+
+def run_load(main: Coroutine[Any, Any, None]) -> None:
+    """Run a bench's ``main`` on uvloop where installed (uvicorn[standard] brings it: a lighter event loop for the
+    load generator), else asyncio's; Ctrl-C is one line, the servers being stopped by their own ``finally``."""
+    try:
+        import uvloop
+
+        runner: Callable[[Coroutine[Any, Any, None]], None] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(main)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        sys.exit("interrupted (the servers were stopped)")
 
 
 def stop(proc: subprocess.Popen, grace: float) -> None:
@@ -479,16 +495,7 @@ def main() -> None:
     if not (args.model / "model.json").exists():
         sys.exit(f"{args.model} is not a Fovea model folder (no model.json)")
     args.load_before = os.getloadavg()[0]
-    try:
-        import uvloop  # a lighter event loop for the load generator, where installed (uvicorn[standard] brings it)
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit("interrupted (the servers were stopped)")
+    run_load(run(args))
 
 
 if __name__ == "__main__":

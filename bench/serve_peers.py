@@ -44,14 +44,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_batching import Images, Load, closed_loop, machine, port_free, read_images, stop, wait_ready  # noqa: E402
+from serve_batching import Images, Load, closed_loop, machine, port_free, read_images, run_load, stop, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -414,17 +413,7 @@ def main() -> None:
         sys.exit("litserve is not installed: .venv/bin/pip install litserve (for this benchmark only)")
     if not (args.model / "model.json").exists():
         sys.exit(f"{args.model} is not a Fovea model folder (no model.json)")
-    runner: Callable[[Coroutine[Any, Any, None]], None] = asyncio.run
-    try:
-        import uvloop  # as serve_batching.py: a lighter event loop for the load generator, where installed
-
-        runner = uvloop.run
-    except ImportError:
-        pass
-    try:
-        runner(run(args))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        sys.exit("interrupted (the servers were stopped)")
+    run_load(run(args))
 
 
 if __name__ == "__main__":

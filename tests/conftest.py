@@ -62,6 +62,17 @@ def train_cnn(data: Path, factory: pytest.TempPathFactory, tag: str, *, image_si
                            out=str(factory.mktemp(f"{tag}_run") / "cnn"), progress=False)
 
 
+def with_threshold(run: Path, folder: Path, threshold: float) -> Path:
+    """A copy of the model whose unknown-image threshold is moved: -1e30 makes every image unknown, 1e30 none."""
+    from fovea.artifact import read_meta, write_meta
+
+    shutil.copytree(run, folder)
+    meta = read_meta(folder)
+    meta["unknown"]["threshold"] = threshold
+    write_meta(folder, meta)
+    return folder
+
+
 def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """The CLI's entry point in this process: (exit code, stdout, stderr)."""
     import sys

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_main, train_cnn
+from conftest import run_main, train_cnn, with_threshold
 
 import fovea
 from fovea.artifact import UNKNOWN_FILE, read_meta, write_meta
@@ -32,15 +32,6 @@ def ants(pets_root: Path) -> Path:
     folder = pets_root.parent / "hymenoptera" / "val" / "ants"
     if not folder.is_dir():
         pytest.fail(f"the real test data is missing: {folder}")
-    return folder
-
-
-def with_threshold(run: Path, folder: Path, threshold: float) -> Path:
-    """A copy of the model whose threshold is moved: -inf makes every image unknown, +inf none."""
-    shutil.copytree(run, folder)
-    meta = read_meta(folder)
-    meta["unknown"]["threshold"] = threshold
-    write_meta(folder, meta)
     return folder
 
 

@@ -5,17 +5,15 @@ tested whatever a tiny model's score is worth; bench/unknown.py measures the sco
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import train_cnn
+from conftest import train_cnn, with_threshold
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from fovea.artifact import read_meta, write_meta
 from fovea.batch import run_batch
 from fovea.serve import ServeConfig, create_app
 from fovea.store import PredictionRecord, Store
@@ -26,14 +24,6 @@ def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_cnn(tiny_pets, tmp_path_factory, "serve_unknown", image_size=32, epochs=2, widths=(8, 16, 16, 16))
 
 
-def moved(run: Path, folder: Path, threshold: float) -> Path:
-    shutil.copytree(run, folder)
-    meta = read_meta(folder)
-    meta["unknown"]["threshold"] = threshold
-    write_meta(folder, meta)
-    return folder
-
-
 @pytest.fixture
 def photos(tiny_pets: Path) -> list[Path]:
     return sorted((tiny_pets / "val" / "cat").glob("*.jpg"))[:3] + sorted((tiny_pets / "val" / "dog").glob("*.jpg"))[:3]
@@ -41,7 +31,7 @@ def photos(tiny_pets: Path) -> list[Path]:
 
 def test_unknown_answers_are_labelled_logged_counted_and_queued(run: Path, tmp_path: Path, photos: list[Path],
                                                                 fovea_home: Path) -> None:
-    always = moved(run, tmp_path / "always", -1e30)
+    always = with_threshold(run, tmp_path / "always", -1e30)
     with TestClient(create_app(ServeConfig(model=str(always), drift_every_s=0))) as c:
         r = c.post("/v1/predict", content=photos[0].read_bytes(), headers={"content-type": "image/jpeg"})
         body = r.json()
@@ -72,8 +62,8 @@ def test_unknown_answers_are_labelled_logged_counted_and_queued(run: Path, tmp_p
 
 
 def test_open_inference_protocol_adds_the_unknown_score_tensor(run: Path, tmp_path: Path, photos: list[Path]) -> None:
-    never = moved(run, tmp_path / "never", 1e30)
-    always = moved(run, tmp_path / "always", -1e30)
+    never = with_threshold(run, tmp_path / "never", 1e30)
+    always = with_threshold(run, tmp_path / "always", -1e30)
     x = np.zeros((2, 3, 32, 32), np.uint8)
     infer = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}]}
     for folder, label in ((never, None), (always, "unknown")):
@@ -88,7 +78,7 @@ def test_open_inference_protocol_adds_the_unknown_score_tensor(run: Path, tmp_pa
 
 
 def test_batch_stores_unknown_images_as_unknown_with_their_score(run: Path, tmp_path: Path, tiny_pets: Path) -> None:
-    always = moved(run, tmp_path / "always", -1e30)
+    always = with_threshold(run, tmp_path / "always", -1e30)
     r = run_batch(str(always), tiny_pets / "val", progress=False)
     closed = run_batch(str(always), tiny_pets / "val", progress=False, unknown=False, job="closed")
     assert r.predicted == closed.predicted == 40
