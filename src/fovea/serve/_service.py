@@ -34,9 +34,10 @@ log = logging.getLogger("fovea.serve")
 Decoded = tuple[torch.Tensor, list[int], list[tuple[int, str]], np.ndarray | None]
 
 
-def decode_files(model: Any, blobs: list[bytes], max_pixels: int, stats: bool = True) -> Decoded:
+def decode_files(model: Any, blobs: list[bytes], max_pixels: int, stats: bool = True,
+                 sizes: list[tuple[int, int]] | None = None) -> Decoded:
     """Decode and resize with the model's preprocessing; with ``stats``, the image statistics of the kept images
-    for drift monitoring."""
+    for drift monitoring (``sizes``: each file's (width, height) from its header, when already read)."""
     from fovea.data import load_square
     from fovea.monitor import header_size, image_stats
 
@@ -53,7 +54,10 @@ def decode_files(model: Any, blobs: list[bytes], max_pixels: int, stats: bool = 
     if not arrays:
         return torch.zeros(0, 3, model.image_size, model.image_size, dtype=torch.uint8), kept, bad, np.zeros((0, 9))
     x = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())
-    return x, kept, bad, image_stats(x, [header_size(blobs[i]) for i in kept]) if stats else None
+    if not stats:
+        return x, kept, bad, None
+    sizes = sizes if sizes is not None else [header_size(b) for b in blobs]
+    return x, kept, bad, image_stats(x, [sizes[i] for i in kept])
 
 
 # A request holding more pixels than this (by the files' headers; about a 16-megapixel photo) decodes on the large
@@ -66,12 +70,13 @@ async def decode(state: ServerState, model: Any, blobs: list[bytes]) -> Decoded:
     """``decode_files`` on a decoder thread, within the request's time limit (504 past it, saying why)."""
     from fovea.monitor import header_size
 
-    pixels = sum(w * h for w, h in map(header_size, blobs))  # headers only: microseconds an image
+    sizes = [header_size(b) for b in blobs]  # headers only: microseconds an image (the drift statistics use them too)
+    pixels = sum(w * h for w, h in sizes)
     # Pools of their own, one thread per core: decoding on the 40 threads of the default pool gave glibc a
     # malloc arena per thread, each keeping freed image buffers (resident memory grew through a soak).
     pool = state.large_decoders if pixels > LARGE_REQUEST_PIXELS else state.decoders
     job = asyncio.get_running_loop().run_in_executor(pool, decode_files, model, blobs, state.config.max_pixels,
-                                                     state.config.log_predictions)
+                                                     state.config.log_predictions, sizes)
     try:
         return await asyncio.wait_for(job, state.config.timeout_s)
     except TimeoutError:
