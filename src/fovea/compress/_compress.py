@@ -115,21 +115,13 @@ def _carry_unknown(run: Path, folder: Path, base: TorchModel, images: torch.Tens
     source = create_score(name, **entry.get("params", {}))  # a combined score's needs are its parts'
     if source.uses_embedding or source.uses_stages or source.uses_images:
         name, note = "energy", f"this runtime exposes only logits: energy score instead of {entry['score']}"
-        _forget_reference_scores(folder)  # the source's scores are another score's: not comparable
+        from fovea.monitor import forget_unknown_scores
+
+        forget_unknown_scores(folder)  # the source's scores are another score's: not comparable
     fit_unknown(folder, load_single(folder, "cpu", unknown=False), fit_images=images,
                 fit_labels=np.zeros(len(images), np.int64), calibration=images, score=name,
                 keep=float(entry.get("keep", 0.95)), tta=bool(entry.get("tta", False)), note=note)
     return note
-
-
-def _forget_reference_scores(folder: Path) -> None:
-    """The drift reference keeps its images' unknown scores only where they are this artifact's score's."""
-    from fovea.monitor import load_reference, save_reference
-
-    if (folder / REFERENCE).exists():
-        reference = load_reference(folder)
-        reference.unknown_scores = None
-        save_reference(folder, reference)
 
 
 def _stratified(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

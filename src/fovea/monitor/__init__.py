@@ -11,6 +11,7 @@ from fovea.monitor._drift import FAMILIES, DriftResult, detect, mmd_permutation_
 from fovea.monitor._reference import (
            Observations,
            build_reference,
+           forget_unknown_scores,
            load_reference,
            observe,
            observe_files,
@@ -23,6 +24,7 @@ from fovea.monitor._watch import DriftCheck, Window, alert, check_drift, window_
 
 __all__ = ["FAMILIES", "REFERENCE", "STATS", "ConceptResult", "DriftCheck", "DriftResult", "Observations", "Window",
            "alert", "build_reference", "check_drift", "concept_drift", "detect", "expected_calibration_error",
+           "forget_unknown_scores",
            "header_size", "image_stats", "load_reference", "mmd_permutation_test", "observe", "observe_files",
            "reference_from_folder", "run_drift", "save_reference", "window_from_files", "window_from_store",
            "write_drift_report"]

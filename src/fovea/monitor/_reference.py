@@ -91,6 +91,20 @@ def load_reference(folder: str | Path) -> Observations:
         raise FoveaError(f"{path} is not a drift reference: {e}") from e
 
 
+def forget_unknown_scores(folder: str | Path) -> bool:
+    """Drop the unknown scores from the drift reference in ``folder`` (when it has them): they were another score's
+    (a recalibrated model, or a compressed copy scoring with energy), so not comparable with the new one's; the
+    unknown-rate test then waits for a rebuilt reference. True when something was dropped."""
+    if not (Path(folder) / REFERENCE).exists():
+        return False
+    ref = load_reference(folder)
+    if ref.unknown_scores is None:
+        return False
+    ref.unknown_scores = None
+    save_reference(folder, ref)
+    return True
+
+
 def build_reference(model: Any, images: torch.Tensor, sizes: Sequence[tuple[int, int]],
                     labels: np.ndarray | None = None, seed: int = 0) -> Observations:
     """The reference from (up to ``MAX_REFERENCE``, a seeded sample of) validation images."""

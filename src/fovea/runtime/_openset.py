@@ -48,7 +48,7 @@ def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor,
     tta = model.tta if tta is None else tta
     fit_inputs = model.score_inputs(fit_images, tta=tta, score=chosen)
     missing = (chosen.uses_embedding and fit_inputs["embeddings"] is None) or (
-        getattr(chosen, "uses_stages", False) and fit_inputs.get("stages") is None)
+        chosen.uses_stages and fit_inputs.get("stages") is None)
     if missing:
         log.warning("%s: the %s score needs features this runtime does not expose; using energy (logits only) "
                     "instead", folder, name)
@@ -62,9 +62,7 @@ def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor,
     entry.update(tta=bool(tta), known_mean=float(known.mean()), known_std=float(known.std() or 1.0))
     if note:
         entry["note"] = note
-    meta = read_meta(folder)
-    meta["unknown"] = entry
-    write_meta(folder, meta)
+    _record(folder, entry)
     log.info("unknown images: %s score, threshold %.4g keeps %.1f %% of %d held-out known images", chosen.name,
              threshold, 100 * entry["kept"], len(known))
     return entry
@@ -93,9 +91,7 @@ def calibrate_ensemble(run: str | Path, calibration: Any, *, keep: float = 0.95,
     entry: dict[str, Any] = {"score": "ensemble", "combine": "mean of the members' standardised scores", "threshold": threshold,
              "keep": keep, "calibrated_on": int(len(combined)), "kept": kept,
              "members": [{"mean": float(m), "std": float(s)} for m, s in zip(mean, std)]}
-    meta = read_meta(run)
-    meta["unknown"] = entry
-    write_meta(run, meta)
+    _record(run, entry)
     log.info("unknown images: the ensemble's threshold %.4g keeps %.1f %% of %d known images", threshold,
              100 * kept, len(combined))
     return entry
@@ -117,7 +113,12 @@ def recalibrate_unknown(folder: str | Path, calibration: torch.Tensor, *, device
     threshold = float(threshold_at(scores, keep))
     entry.update(threshold=threshold, calibrated_on=int(len(scores)), kept=float((scores <= threshold).mean()),
                  known_mean=float(scores.mean()), known_std=float(scores.std() or 1.0))
+    _record(folder, entry)
+    return entry
+
+
+def _record(folder: str | Path, entry: dict[str, Any]) -> None:
+    """``entry`` as model.json's "unknown"."""
     meta = read_meta(folder)
     meta["unknown"] = entry
     write_meta(folder, meta)
-    return entry

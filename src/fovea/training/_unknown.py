@@ -49,7 +49,11 @@ def calibrate_unknown(run: str | Path, data: str | Path | None = None, *, datase
         assert isinstance(model, Network)
         entry = fit_unknown(run, model, fit_images=fit_set.images, fit_labels=fit_set.labels.numpy(),
                             calibration=cal_set.images, score=score, keep=keep)
-        _forget_reference_scores(run)
+        from fovea.monitor import forget_unknown_scores
+
+        if forget_unknown_scores(run):
+            log.info("the drift reference's unknown scores were the old score's: rebuild it to test the unknown "
+                     "rate (fovea drift --model %s --build-reference VALIDATION_DIR)", run)
         return entry
     assert isinstance(model, Ensemble)
     for member in model.members:  # each member its own score, fitted on the same split at its own size
@@ -59,17 +63,3 @@ def calibrate_unknown(run: str | Path, data: str | Path | None = None, *, datase
             fit_unknown(member.path, member, fit_images=fit_m.images, fit_labels=fit_m.labels.numpy(),
                         calibration=cal_m.images, score=score, keep=keep)
     return calibrate_ensemble(run, cal_set.images, keep=keep, device=device)
-
-
-def _forget_reference_scores(run: Path) -> None:
-    """The drift reference's unknown scores came from the old score: dropped (its unknown-rate test then waits for
-    ``fovea drift --build-reference``) rather than compared with the new score's."""
-    from fovea.monitor import REFERENCE, load_reference, save_reference
-
-    if (run / REFERENCE).exists():
-        ref = load_reference(run)
-        if ref.unknown_scores is not None:
-            ref.unknown_scores = None
-            save_reference(run, ref)
-            log.info("the drift reference's unknown scores were the old score's: rebuild it to test the unknown "
-                     "rate (fovea drift --model %s --build-reference VALIDATION_DIR)", run)
