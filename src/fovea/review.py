@@ -7,6 +7,9 @@ images become training data for the next version.
   is copied into ``$FOVEA_HOME/labelled/NAME/LABEL/`` (Fovea's ``DATA/CLASS/*`` layout) and the label is
   recorded as feedback for the request, so concept-drift checks see it too. With ``consensus=1`` the first
   vote decides; a larger value serves domains where experts disagree.
+- ``enqueue_suspect``: an image of a training data set whose label ``fovea check --labels`` suspects; it stays
+  where it is, and the agreed verdict (keep, relabel, drop) is appended to that data set's corrections file in
+  ``$FOVEA_HOME/data/``, which ``fovea train`` applies (the user's folders are never edited).
 - ``retrain``: the original training data plus the labelled folder, trained with the production version's
   settings, registered as the next version with the alias ``candidate``: ready for ``fovea deploy``.
 """
@@ -80,10 +83,40 @@ def enqueue(store: Store, name: str, version: int, request_id: str, blob: bytes,
         return None
 
 
+def enqueue_suspect(store: Store, name: str, data_root: str | Path, path: str | Path, given: str,
+                    probabilities: dict[str, float], *, suggested: str | None = None,
+                    quality: float | None = None) -> int | None:
+    """Queue an image of a training data set whose label ``given`` is suspected wrong (``fovea check --labels``,
+    the data page); its id, or None when it is already queued for ``name``.
+
+    The image stays where it is (the row points at it); a verdict becomes a row of the data set's corrections
+    file (``fovea.data.corrections_file``), which the next ``fovea train`` applies: the given label (keep),
+    another class (relabel) or none of them (drop). ``quality``: the label-quality score (low: likely wrong).
+    """
+    src = Path(path).resolve()
+    try:
+        blob = src.read_bytes()
+    except OSError as e:
+        raise FoveaError(f"cannot read {src}: {e}") from e
+    suggested = suggested or max(probabilities, key=lambda c: probabilities[c])
+    try:
+        with store.session() as s:
+            row = Review(model_name=name, model_version=0, request_id=f"label-check-{fingerprint_of(blob)[:16]}",
+                         fingerprint=fingerprint_of(blob), path=str(src), predicted=suggested,
+                         confidence=float(probabilities.get(suggested, 0.0)) if quality is None else 1.0 - quality,
+                         probabilities=probabilities, kind="label", given=given, data_root=str(Path(data_root).resolve()))
+            s.add(row)
+            s.flush()
+            return int(row.id)
+    except IntegrityError:
+        return None
+
+
 def _public(r: Review, votes: list[Vote]) -> dict[str, Any]:
     return {"id": r.id, "model": r.model_name, "model_version": r.model_version, "request_id": r.request_id,
             "predicted": r.predicted, "confidence": r.confidence, "probabilities": r.probabilities, "state": r.state,
             "label": r.label, "saved_to": r.saved_to, "created": r.created.isoformat(timespec="seconds"),
+            "kind": r.kind, "given": r.given,
             "votes": [{"reviewer": v.reviewer, "label": v.label} for v in votes]}
 
 
@@ -113,6 +146,9 @@ def vote(store: Store, review_id: int, label: str, reviewer: str, classes: list[
     --from-store NAME`` learns the new class.
     """
     if label and label not in classes:
+        if new_class and get(store, review_id).kind == "label":
+            raise FoveaError("a suspected label error is relabelled to one of the data set's classes, kept, or "
+                             "dropped (''); a new class needs a folder of its own images")
         if not new_class:
             raise FoveaError(f"label {label!r} is not one of {classes} (or '' for none of them; to name a class the "
                              "model does not have yet, send new_class: true)")
@@ -137,7 +173,9 @@ def vote(store: Store, review_id: int, label: str, reviewer: str, classes: list[
         winner, count = Counter(v.label for v in votes).most_common(1)[0]
         if count >= consensus:
             row.decided = datetime.now(timezone.utc)
-            if winner == "":
+            if row.kind == "label":
+                _decide_suspect(row, winner, reviewer)
+            elif winner == "":
                 row.state = "rejected"
             else:
                 row.state, row.label = "labelled", winner
@@ -148,6 +186,20 @@ def vote(store: Store, review_id: int, label: str, reviewer: str, classes: list[
                 row.saved_to = str(dest)
                 s.add(Feedback(request_id=row.request_id, fingerprint=row.fingerprint, label=winner))
         return _public(row, list(votes))
+
+
+def _decide_suspect(row: Review, winner: str, reviewer: str) -> None:
+    """An agreed verdict on a suspected label error: a row of its data set's corrections file."""
+    from fovea.data import add_correction, corrections_file
+
+    root = str(row.data_root)
+    if winner == "":
+        row.state = "rejected"
+        add_correction(root, row.path, "drop", reviewer=reviewer)
+    else:
+        row.state, row.label = "labelled", winner
+        add_correction(root, row.path, "keep" if winner == row.given else "relabel", winner, reviewer=reviewer)
+    row.saved_to = str(corrections_file(root))
 
 
 def _original_data(meta: dict[str, Any], data: str | Path | None) -> Path:
@@ -231,6 +283,10 @@ def retrain(name: str, *, data: str | Path | None = None, store: Store | None = 
     if not gained:
         raise FoveaError(f"no labelled images for {name} yet: confirm some in the review queue first")
     settings = {k: v for k, v in meta["training"].items() if k in config_fields() and k not in ("data", "out", "resume")}
+    from fovea.data import corrections_file
+
+    if corrections_file(original).exists():  # the merged copy is another folder: name the original's verdicts
+        settings["corrections"] = str(corrections_file(original))
     settings.update(overrides)
     settings.update(out=str(version_dir / "run"), progress=progress)
     run = train(merged, **settings)

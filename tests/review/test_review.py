@@ -90,3 +90,30 @@ def test_a_csv_dataset_is_merged_with_the_labelled_images(tiny_pets: Path, tmp_p
     rows = list(csv.DictReader(merged.open()))
     assert gained == {"dog": 1} and len(rows) == 7 and all(Path(r["path"]).is_file() for r in rows)
     assert rows[-1]["label"] == "dog" and rows[-1]["group"] == "labelled-abc"
+
+
+def test_suspected_label_errors_become_corrections_that_training_applies(tiny_pets: Path, tmp_path: Path) -> None:
+    import fovea
+    from fovea import review
+    from fovea.data import corrections_file, read_corrections
+    from fovea.errors import FoveaError
+    from fovea.store import Store
+
+    store = Store()
+    cats = sorted((tiny_pets / "train" / "cat").glob("*.jpg"))
+    probs = {"cat": 0.1, "dog": 0.9}
+    ids = [review.enqueue_suspect(store, "pets", tiny_pets, p, "cat", probs, quality=0.1) for p in cats[:3]]
+    assert all(ids) and review.enqueue_suspect(store, "pets", tiny_pets, cats[0], "cat", probs) is None  # once
+    queued = review.reviews(store, "pets")
+    assert [(r["kind"], r["given"], r["predicted"]) for r in queued] == [("label", "cat", "dog")] * 3
+    with pytest.raises(FoveaError, match="new class"):
+        review.vote(store, ids[0], "horse", "ana", ["cat", "dog"], new_class=True)
+    assert review.vote(store, ids[0], "dog", "ana", ["cat", "dog"])["state"] == "labelled"  # relabel
+    assert review.vote(store, ids[1], "", "ana", ["cat", "dog"])["state"] == "rejected"  # drop
+    assert review.vote(store, ids[2], "cat", "ana", ["cat", "dog"])["label"] == "cat"  # keep
+    verdicts = read_corrections(corrections_file(tiny_pets))
+    assert [(v.action, v.label) for v in verdicts.values()] == [("relabel", "dog"), ("drop", None), ("keep", None)]
+    assert cats[0].exists() and cats[1].exists()  # the user's folder is not edited
+    run = fovea.train(tiny_pets, model="cnn", epochs=1, image_size=32, unknown_keep=0, out=str(tmp_path / "run"),
+                      progress=False, extra={"widths": (8, 8, 8, 8)})
+    assert json.loads((run / "model.json").read_text())["data"]["counts"]["train"] == {"cat": 38, "dog": 41}

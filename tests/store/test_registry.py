@@ -38,7 +38,7 @@ def alembic_revision(store: Store) -> str | None:
 def test_a_new_sqlite_store_is_migrated_to_the_schema_of_the_code(fovea_home: Path) -> None:
     store = Store()
     assert store.url == f"sqlite:///{fovea_home / 'fovea.db'}" and (fovea_home / "fovea.db").exists()
-    assert alembic_revision(store) == "0005"
+    assert alembic_revision(store) == "0006"
     assert schema_differences(store) == []  # the migration creates exactly what the models describe
     Store()  # opening again is a no-op, not an error
 
@@ -46,7 +46,7 @@ def test_a_new_sqlite_store_is_migrated_to_the_schema_of_the_code(fovea_home: Pa
 def test_postgresql_store_is_migrated_and_holds_the_registry(postgres_url: str, run: Path) -> None:
     store = Store(postgres_url)
     assert store.engine.dialect.name == "postgresql"
-    assert alembic_revision(store) == "0005" and schema_differences(store) == []
+    assert alembic_revision(store) == "0006" and schema_differences(store) == []
     v = model_registry.add(run, "pg-pets", alias="production", store=store)
     again = model_registry.add(run, "pg-pets", store=store)
     assert (v.version, again.version) == (1, 2)
@@ -123,6 +123,6 @@ def test_a_database_at_the_first_schema_upgrades_with_its_rows(tmp_path: Path) -
                           "interval_s, thresholds, created, updated) VALUES (1, 'm', 'shadow', 'stopped', 1, 0, '[]', "
                           "0, 60, '{}', '2026-01-01', '2026-01-01')"))
     store = Store(url)
-    assert alembic_revision(store) == "0005" and schema_differences(store) == []
+    assert alembic_revision(store) == "0006" and schema_differences(store) == []
     with store.engine.connect() as conn:
         assert conn.execute(text("SELECT step_started IS NOT NULL FROM deployments")).scalar() == 1

@@ -2,6 +2,17 @@
 
 from typing import TYPE_CHECKING, Any
 
+from fovea.data._curation import (
+    Correction,
+    add_correction,
+    apply_corrections,
+    corrected,
+    corrections_file,
+    curation_dir,
+    read_corrections,
+    read_label_issues,
+    write_label_issues,
+)
 from fovea.data._io import IMAGE_EXTENSIONS, load_square, read_image
 from fovea.data._layout import Dataset, Sample, discover, eval_samples, kfold, with_groups
 
@@ -26,7 +37,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "AUGMENTATIONS", "IMAGE_EXTENSIONS", "Batches", "Dataset", "ImageSet", "Sample", "augment", "check", "discover",
+    "AUGMENTATIONS", "IMAGE_EXTENSIONS", "Batches", "Correction", "Dataset", "ImageSet", "Sample", "add_correction",
+    "apply_corrections", "augment", "check", "corrected", "corrections_file", "curation_dir", "discover", "read_corrections",
+    "read_label_issues", "write_label_issues",
     "eval_samples",
     "kfold", "load_images", "load_square", "norm_coefficients", "normalize", "read_image", "with_groups",
 ]

@@ -42,6 +42,7 @@ class Dataset:
     classes: list[str]
     splits: dict[str, list[Sample]]
     missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): CSV rows with no file
+    corrections: dict[str, object] | None = None  # people's verdicts applied (fovea.data.corrected): file, counts
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {

@@ -166,6 +166,11 @@ class Review(Base):
     saved_to: Mapped[str | None] = mapped_column(Text, nullable=True)  # where the labelled copy went
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
     decided: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # "upload": an answer the model was unsure of (or called unknown); "label": an image of a training data set
+    # whose given label is suspected wrong (fovea check --labels): verdicts become that data set's corrections.
+    kind: Mapped[str] = mapped_column(String(20), default="upload", server_default="upload")
+    given: Mapped[str | None] = mapped_column(String(200), nullable=True)  # kind "label": the label it has now
+    data_root: Mapped[str | None] = mapped_column(Text, nullable=True)  # kind "label": the data set it is in
 
 
 class Vote(Base):

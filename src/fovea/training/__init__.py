@@ -12,11 +12,13 @@ from fovea.training._schedule import lr_at
 
 if TYPE_CHECKING:
     from fovea.training._finish import run_result
+    from fovea.training._loop import train_one
     from fovea.training._lr_find import lr_find
     from fovea.training._train import train
     from fovea.training._unknown import calibrate_unknown
 
-_LAZY = {"train": "_train", "lr_find": "_lr_find", "run_result": "_finish", "calibrate_unknown": "_unknown"}
+_LAZY = {"train": "_train", "lr_find": "_lr_find", "run_result": "_finish", "calibrate_unknown": "_unknown",
+         "train_one": "_loop"}
 
 
 def __getattr__(name: str) -> Any:
@@ -27,4 +29,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'fovea.training' has no attribute {name!r}")
 
 
-__all__ = ["OPTIONS", "TrainConfig", "calibrate_unknown", "config_fields", "lr_at", "lr_find", "run_result", "train"]
+__all__ = ["OPTIONS", "TrainConfig", "calibrate_unknown", "config_fields", "lr_at", "lr_find", "run_result", "train", "train_one"]

@@ -49,6 +49,9 @@ class TrainConfig:
     class_weights: str = "none"  # auto: loss weighted by n / (classes x n_class), for imbalanced data
     sampler: str = "shuffle"  # balanced: draw every class equally often (oversampling, with replacement)
     human_error: float | None = None  # human-level error, for the bias/variance diagnosis (None: taken as 0)
+    # People's verdicts on suspected label errors (fovea check --labels, then the review queue): None reads the
+    # data set's corrections file in FOVEA_HOME when there is one; "none" ignores it; or a file's path.
+    corrections: str | None = None
     group_regex: str | None = None  # group = this regex's first group (or match) on the file name
     folds: int | None = None  # K-fold cross-validation: K runs on pooled train+val, mean +- spread
     seeds: int = 1  # train N models (seeds seed..seed+N-1) on one split and ensemble them
@@ -219,6 +222,8 @@ OPTIONS: dict[str, Option] = {
     "sampler": Option("shuffle | balanced (oversample rare classes)"),
     "group_regex": Option("Group (patient, source) = this regex's first group on the file name; splits keep groups "
                           "whole."),
+    "corrections": Option("A corrections file (path,action,label: relabel, drop or keep) applied to the data before "
+                          "training; default: the one the review queue wrote for DATA, if any; none: ignore it."),
     "folds": Option("K-fold cross-validation: K runs, mean ± spread."),
     "seeds": Option("Train N models (seeds seed..seed+N-1) and ensemble them."),
     "human_error": Option("Human-level error (e.g. 0.05) for the bias/variance diagnosis."),

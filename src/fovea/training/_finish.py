@@ -52,7 +52,8 @@ def finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantine
         "transfer": transfer,
         "metrics": {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "roc_curves", "per_class")},
         "data": {"root": ds.root, "layout": ds.layout, "fingerprint": ds.fingerprint(),
-                 "counts": ds.counts(), "quarantined": len(quarantined)},
+                 "counts": ds.counts(), "quarantined": len(quarantined),
+                 **({"corrections": ds.corrections} if ds.corrections else {})},
     }
     save_model(run, fit.model, meta)
     if len(val_set) and cfg.unknown_keep > 0:

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from fovea._system import cpu_has_bf16
-from fovea.data import Batches, Dataset, discover, load_images
+from fovea.data import Batches, Dataset, corrected, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import check_input_size, create_model, default_config, source_of
 from fovea.models.backbone import fold_probe, load_weights, read_weights
@@ -192,7 +192,8 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # batch shapes are fixed (drop_last): pick the fastest kernels once
     torch.manual_seed(cfg.seed)
-    ds = dataset or discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex)
+    ds = dataset or corrected(discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex),
+                              cfg.corrections)
     source = source_of(cfg.model)
     native = default_config(cfg.model)
     user_lr, user_epochs, user_time = cfg.lr, cfg.epochs, cfg.time

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fovea.data import Dataset, discover, kfold, load_images
+from fovea.data import Dataset, corrected, discover, kfold, load_images
 from fovea.errors import FoveaError
 from fovea.training._config import TrainConfig
 from fovea.training._loop import default_out, train_one
@@ -34,7 +34,7 @@ def train(data: str | Path, *, started: float | None = None, **kwargs: Any) -> P
         out = Path(cfg.out) if cfg.out else default_out(cfg)
         if out.exists() and any(out.iterdir()):
             raise FoveaError(f"{out} already exists and is not empty; choose another --out")
-        ds = discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex)
+        ds = corrected(discover(cfg.data, cfg.val_fraction, cfg.seed, group_regex=cfg.group_regex), cfg.corrections)
         return _cross_validate(cfg, ds, out, start) if cfg.folds else _train_seeds(cfg, ds, out, start)
     return train_one(cfg, deadline=None if cfg.time is None else start + cfg.time)
 
