@@ -8,14 +8,18 @@ from typing import Annotated
 
 import typer
 
+from fovea._duration import parse_duration
 from fovea.cli import _render as render
-from fovea.cli._common import DataArg, JsonOption, app, echo_json, examples, parse_params
+from fovea.cli._common import DataArg, DbOption, DeviceOption, JsonOption, app, echo_json, examples, parse_params
 from fovea.errors import FoveaError
 
 
 @app.command(epilog=examples("fovea check data/pets", "fovea check data/pets --json > check.json",
                              "fovea check labels.csv --val-fraction 0.25",
-                             "fovea check scans/ --group-regex '^(patient\\d+)_'   # one patient, one split"))
+                             "fovea check scans/ --group-regex '^(patient\\d+)_'   # one patient, one split",
+                             "fovea check data/pets --labels                 # suspected label errors (4 folds, 10 min)",
+                             "fovea check data/pets --labels --weights runs/backbone --time 3m",
+                             "fovea check data/pets --labels --review pets   # suspects to the review queue"))
 def check(
     data: DataArg,
     as_json: JsonOption = False,
@@ -23,8 +27,45 @@ def check(
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
     near_threshold: Annotated[int, typer.Option(min=0, max=64, help="Max Hamming distance of 64-bit perceptual hashes for a near-duplicate.")] = 4,
     group_regex: Annotated[str | None, typer.Option(help="Group (patient, source) = this regex's first group on the file name; flags groups in two splits.")] = None,
+    labels: Annotated[bool, typer.Option("--labels", help="Find images whose label is likely wrong: K-fold cross-fitted models, then confident learning (cleanlab).")] = False,
+    folds: Annotated[int, typer.Option(min=2, max=20, help="--labels: folds of the cross-fitting.")] = 4,
+    rounds: Annotated[int, typer.Option(min=1, max=5, help="--labels: rounds of cross-fitting; each leaves the last one's suspects out of training.")] = 1,
+    time: Annotated[float | None, typer.Option(parser=parse_duration, metavar="DURATION", help="--labels: time for all the folds (90s, 5m); default on a CPU 10m.")] = None,
+    model: Annotated[str | None, typer.Option(help="--labels: architecture of the folds' models (default cnn).")] = None,
+    weights: Annotated[list[str] | None, typer.Option(help="--labels: start each fold from these weights (a run folder or file); repeat it for an ensemble of backbones (one head each, probabilities averaged).")] = None,
+    mode: Annotated[str | None, typer.Option(help="--labels: with --weights, scratch | features | finetune | auto.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="--labels: epochs per fold (default: from the time budget).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="--labels: input size of the folds' models.")] = None,
+    corrections: Annotated[str | None, typer.Option(help="--labels: a corrections file applied first (default: DATA's own from the review queue; none: ignore).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="--labels: suspects printed.")] = 24,
+    review: Annotated[str | None, typer.Option(help="--labels: send the suspects to this model's review queue (a registered NAME).")] = None,
+    device: DeviceOption = "auto",
+    db: DbOption = None,
 ) -> None:
-    """Look at a data set: counts, imbalance, sizes and modes, unreadable files, duplicates and leakage."""
+    """Look at a data set: counts, imbalance, sizes and modes, unreadable files, duplicates and leakage; with
+    --labels, the images whose given label is most likely wrong."""
+    if labels:
+        from fovea.labels import check_labels, suspects
+
+        result = check_labels(data, folds=folds, rounds=rounds, time=time, val_fraction=val_fraction, seed=seed,
+                              group_regex=group_regex, corrections=corrections, progress=not as_json, model=model,
+                              weights=weights, mode=mode, epochs=epochs, image_size=image_size, device=device)
+        if review:
+            from fovea import review as queue
+            from fovea.store import Store
+
+            store = Store(db)
+            result["queued"] = sum(queue.enqueue_suspect(store, review, result["data"], r["path"], r["given"],
+                                                         r["probabilities"], suggested=r["suggested"],
+                                                         quality=r["quality"]) is not None
+                                   for r in suspects(result))
+        if as_json:
+            echo_json(result, indent=2)
+        else:
+            render.label_issues(result, top)
+        return
+    if review:
+        raise FoveaError("--review sends suspected label errors to the queue: add --labels")
     from fovea.data import check as run_check
 
     report = run_check(data, val_fraction=val_fraction, seed=seed, near_threshold=near_threshold,

@@ -26,6 +26,34 @@ def _f4(v: Any) -> str:
 # --- data ---------------------------------------------------------------------------------------------------
 
 
+def label_issues(r: dict[str, Any], top: int) -> None:
+    """``fovea check --labels``: the suspects, most likely wrong first, and where the whole result is."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = console()
+    root = Path(r["data"])
+    con.print(f"[bold]{escape(r['data'])}[/]: {r['n_issues']} of {r['n_images']} images have a label confident "
+              f"learning doubts ({r['folds']} folds, out-of-fold accuracy {100 * r['out_of_fold_accuracy']:.1f} %, "
+              f"{r['seconds']:.0f} s)")
+    shown = [x for x in r["images"] if x["issue"]][:top]
+    if shown:
+        t = Table("rank", "image", "given", "suggested", "score", "split", title=f"the {len(shown)} most likely wrong "
+                  "(score: out-of-fold probability of the given label)")
+        for x in shown:
+            p = Path(x["path"])
+            t.add_row(str(x["rank"]), escape(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)),
+                      escape(x["given"]), escape(x["suggested"]), f"{x['quality']:.3f}", x["split"])
+        con.print(t)
+    if r.get("quarantined"):
+        con.print(f"{r['quarantined']} unreadable image(s) left out (fovea check DATA lists them)")
+    if "queued" in r:
+        con.print(f"{r['queued']} sent to the review queue (the others were queued before)")
+    con.print(f"thumbnails: {r['html']}\nall images, JSON: {r['file']}")
+    con.print("next: confirm or relabel them in the review queue (fovea serve, Review page); fovea train applies the "
+              "verdicts without touching your folders")
+
+
 def check_report(r: dict[str, Any]) -> None:
     """``fovea check``: counts, imbalance, sizes, unusable files, duplicates and leakage, and what to do."""
     from rich.markup import escape
@@ -253,6 +281,24 @@ def explained(o: Any, method: str, check: Any) -> None:
     con.print(f"{method} {verdict} (mean |Spearman| {d.spearman:.3f} at step {check.midpoint + 1} of "
               f"{len(check.steps)}, threshold {check.threshold}; {check.steps[-1].spearman:.3f} with every "
               f"layer randomized; {check.seconds:.1f} s)", highlight=False)
+
+
+def similar(found: Any) -> None:
+    """``fovea similar``: per query image, its neighbours (rank, path under the gallery's root, label, distance)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    con = console(whole_lines=True)
+    g = found.gallery
+    con.print(f"gallery: {escape(g.root or '')}, {len(g)} images ({'ivf index' if g.indexed else 'exact search'}"
+              + (f"; {len(g.skipped)} unreadable files left out" if g.skipped else "") + ")", highlight=False)
+    for query, hits in found.queries:
+        t = Table("rank", "path", "label", "distance", title=escape(query), title_justify="left")
+        for rank, h in enumerate(hits, 1):
+            t.add_row(str(rank), escape(g.shown(h.path)), escape(h.label or "-"), f"{h.distance:.4f}")
+        con.print(t)
+    for path, reason in found.skipped:
+        con.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
 
 
 def compression(run: Path, result: dict[str, Any]) -> None:
