@@ -1,4 +1,4 @@
-"""Using a trained model: `fovea evaluate`, `predict`, `explain`."""
+"""Using a trained model: `fovea evaluate`, `predict`, `explain`, `similar`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import typer
 
 from fovea.cli import _render as render
 from fovea.cli._common import (
+    DbOption,
     DeviceOption,
     JsonOption,
+    ModelRefArg,
     NoUnknownOption,
     PathsArg,
     RunArg,
@@ -136,3 +138,37 @@ def explain_command(
         render.explained(o, method, result)
     if result is not None and not result.passed:
         raise typer.Exit(1)
+
+
+@app.command("similar", epilog=examples(
+    "fovea similar runs/pets cat.jpg                     # the 10 nearest training images, with labels",
+    "fovea similar runs/pets photos/ --k 5 --json",
+    "fovea similar pets:production query.png --in data/archive    # search another folder (labelled or not)",
+))
+def similar_command(
+    run: ModelRefArg,
+    paths: PathsArg,
+    k: Annotated[int, typer.Option("--k", min=1, max=1000, help="Neighbours per image.")] = 10,
+    data: Annotated[Path | None, typer.Option("--in", help="Images to search: a data set (DATA/CLASS/*, "
+                                              "DATA/train|val/CLASS/*, a CSV) or any folder of images (default: the "
+                                              "model's training data, every split).")] = None,
+    as_json: JsonOption = False,
+    device: DeviceOption = "auto",
+    db: DbOption = None,
+) -> None:
+    """The nearest images to each given image by the model's own embedding, with their labels and cosine
+    distances (0: the same). The gallery is built once per model and data set and kept in FOVEA_HOME."""
+    from fovea import model_registry
+    from fovea.similar import find_similar
+    from fovea.store import Store
+
+    setup_logging(quiet=as_json)
+    files = expand_files(paths)  # a wrong path fails here, before any model or gallery is loaded
+    if not files:
+        raise FoveaError("no image files given")
+    _, _, model, _ = model_registry.open_model(run, device, store=Store(db) if db else None)
+    found = find_similar(model, files, k=k, data=data, progress=not as_json)
+    if as_json:
+        echo_json(found.to_dict(), indent=2)
+    else:
+        render.similar(found)

@@ -255,6 +255,7 @@ async def answer(state: ServerState, route: Route, blobs: list[bytes], request_i
     record(state, s, request_id, blobs, kept, probs, (time.perf_counter() - start) * 1000, client,
            deployment_id=route.deployment_id, seen=seen)
     given = answers(s, probs, seen.get("unknown_scores"))
+    state.similar.saw(s, request_id, seen.get("embeddings"), [a["label"] for a in given])  # /v1/similar?in=seen
     if any(a.get("unknown") for a in given):
         state.metrics.unknown.labels(str(s.version)).inc(sum(bool(a.get("unknown")) for a in given))
     # to people: answers under --review-below, and every image of none of the classes (name it, or a new class)

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from fovea.serve._config import ServeConfig
 from fovea.serve._fleet import Fleet, Served
 from fovea.serve._log import PredictionLog
+from fovea.serve._similar import Galleries
 from fovea.store import Store
 
 
@@ -120,6 +121,7 @@ class ServerState:
     # exit died inside matplotlib's FreeType code drawing its report, and took the process with it (rc 134).
     checks: concurrent.futures.ThreadPoolExecutor = field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fovea-drift"))
+    similar: Galleries = field(default_factory=Galleries)  # /v1/similar: training and seen galleries
     ready: bool = False  # the model is loaded and warmed up (/v2/health/ready)
 
     def served(self) -> Served:
