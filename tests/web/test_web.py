@@ -203,6 +203,102 @@ def test_drift_page_charts_the_checks(run: Path, browser: Any, pets_root: Path, 
         page.screenshot(path=str(shots / "drift.png"), full_page=True)
 
 
+def test_data_page_suspects_similar_images_and_review(run: Path, browser: Any, tiny_pets: Path, shots: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fovea.data import write_label_issues
+    from fovea.serve import _dataview
+
+    monkeypatch.setattr(_dataview, "FIRST_WAIT_S", 0.0)  # the first answer is the progress, whatever the speed
+
+    cats = sorted((tiny_pets / "train" / "cat").glob("*.jpg"))
+    suspects = [cats[9], cats[2], cats[30]]  # as `fovea check --labels` would rank them: most suspect first
+    images = [{"path": str(p), "split": "train", "given": "cat", "suggested": "dog", "quality": q, "issue": True,
+               "rank": k, "probabilities": {"cat": q, "dog": 1 - q}}
+              for k, (p, q) in enumerate(zip(suspects, (0.03, 0.05, 0.08)), 1)]
+    write_label_issues(tiny_pets, {"data": str(tiny_pets), "classes": ["cat", "dog"], "folds": 4, "seconds": 1.0,
+                                   "created": "2026-11-24T18:00:00", "n_images": 3, "n_issues": 3, "images": images})
+    model_registry.add(run, "pets")
+    with live(ServeConfig(model="pets", drift_every_s=0)) as base:
+        page = page_of(browser, base)
+        page.goto(base + "/#/data")
+        page.locator("#data-progress").wait_for()  # a first visit: every image is predicted once
+        page.locator("#grid .tile").first.wait_for(timeout=120_000)
+        assert page.locator("[data-filter=suspect] .count").inner_text() == "3"
+        loaded(page, "#grid .tile:nth-child(-n+10) img")
+        page.screenshot(path=str(shots / "data.png"))  # the grid is long: what a screen shows
+
+        page.click("[data-filter=suspect]")
+        page.wait_for_function("document.querySelectorAll('#grid .tile').length === 3")
+        tiles = page.locator("#grid .tile")
+        assert "given cat, looks dog 0.03" in tiles.nth(0).inner_text()  # the most suspect first
+        assert "#/data?filter=suspect" in page.url  # a link to this view
+        tiles.nth(0).focus()  # the keyboard: arrows move, Enter opens, Escape closes
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowLeft")
+        page.keyboard.press("Enter")
+        dialog = page.locator("dialog#detail")
+        dialog.wait_for()
+        assert suspects[0].name in page.inner_text("#detail-title")
+        page.wait_for_function("document.querySelectorAll('#similar .near').length === 8")  # its similar images
+        dialog.locator("img[alt^='Grad-CAM']").wait_for()
+        loaded(page, "dialog#detail img")
+        page.screenshot(path=str(shots / "data-detail.png"), full_page=True)
+
+        page.click("#send-review")
+        page.wait_for_function("document.querySelector('#send-review').textContent === 'Queued'")
+        assert page.locator("#send-review").is_disabled()
+        assert "sent to the review queue" in page.inner_text("#toast")
+        nearest = page.locator("#similar .near").first
+        near_id = nearest.get_attribute("data-id")
+        nearest.click()  # a similar image opens in its place
+        page.wait_for_function(f"document.querySelector('#detail-title').textContent.startsWith('#{near_id} ')")
+        page.keyboard.press("Escape")
+        page.wait_for_function("!document.querySelector('dialog#detail').open")
+        assert page.evaluate("document.activeElement.classList.contains('tile')")  # back where the keyboard was
+        assert "queued" in tiles.nth(0).inner_text()
+
+        page.goto(base + "/#/review")  # the suspect waits in the review queue, as what it is
+        card = page.locator(".card.suspect").first
+        card.wait_for()
+        assert "labelled cat; looks like dog" in card.inner_text()
+
+        phone = page_of(browser, base, phone=True)
+        phone.goto(base + "/#/data?filter=suspect")
+        phone.wait_for_function("document.querySelectorAll('#grid .tile').length === 3")
+        loaded(phone, "#grid img")
+        columns = phone.evaluate("getComputedStyle(document.querySelector('#grid')).gridTemplateColumns"
+                                 ".split(' ').length")
+        assert 2 <= columns <= 3 and fits(phone)
+        phone.screenshot(path=str(shots / "data-phone.png"), full_page=True)
+        phone.locator("#grid .tile").first.click()
+        phone.locator("#similar .near").first.wait_for()
+        phone.locator("dialog#detail img[alt^='Grad-CAM']").wait_for()
+        loaded(phone, "dialog#detail .pair img")
+        box = phone.locator("dialog#detail").bounding_box()
+        assert box is not None and box["width"] >= PHONE["width"] - 1  # the detail takes the whole screen
+        phone.screenshot(path=str(shots / "data-detail-phone.png"))
+
+
+def loaded(page: Any, selector: str) -> None:
+    """Wait until the images ``selector`` finds have arrived (lazy ones load once on screen)."""
+    page.wait_for_function("s => [...document.querySelectorAll(s)].every(i => i.complete && i.naturalWidth > 0)",
+                           arg=selector)
+
+
+def test_data_page_says_when_the_data_is_gone(run: Path, browser: Any, tmp_path: Path) -> None:
+    from fovea.artifact import read_meta, write_meta
+
+    moved = Path(shutil.copytree(run, tmp_path / "moved"))
+    meta = read_meta(moved)
+    meta["data"]["root"] = str(tmp_path / "elsewhere")
+    write_meta(moved, meta)
+    with live(ServeConfig(model=str(moved), drift_every_s=0)) as base:
+        page = page_of(browser, base)
+        page.goto(base + "/#/data")
+        page.locator("#data-empty").wait_for()
+        assert "not at" in page.inner_text("#data-empty") and page.locator("main .bad").count() == 0
+
+
 def _store() -> Any:
     from fovea.store import Store
 

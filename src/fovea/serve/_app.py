@@ -2,8 +2,12 @@
 
 Routes:
     POST /v1/predict[?explain=gradcam]  raw image bytes, multipart upload (one or many files) or JSON base64
+    POST /v1/similar?k=10&in=training   the nearest training (in=seen: already answered) images by the embedding
+    GET  /v1/similar/images/{index}     one training image of a /v1/similar answer
     POST /v1/feedback                   {"request_id", "label"}: the true label of an answer
     GET  /v1/reviews, /v1/reviews/{id}/image; POST /v1/reviews/{id}    the review queue (labelling on the fly)
+    GET  /v1/data?class=&filter=        the served version's training images and their flags (the data page);
+    GET  /v1/data/{id}/image|gradcam|similar; POST /v1/data/{id}/review    one of them; to the review queue
     GET  /v1/info, /v1/models, /v1/deployments, /v1/drift; POST /v1/drift/check    read-only, for the web app
     GET  /v1/admin/models, /v1/admin/deployments; POST /v1/admin/deploy, /v1/admin/rollback (bearer token)
     GET  /                              the web app (static files in ./static)
@@ -23,11 +27,12 @@ event loop only routes. Which version answers (production, a canary, a shadow be
 business (``_fleet.py``), following the deployments in the store. The model is loaded and warmed up (a batch of 1
 and a full batch) before /v2/health/ready says yes.
 
-Where things are: the routes in ``_routes/`` (predict: /v1/predict; oip: /v2; labels: feedback and reviews;
-web: the web app and its read-only routes; admin; metrics) only validate and delegate, through the
-dependencies in ``_deps.py``, to ``_service.py`` (the answer path) and ``_drift.py``; request bodies are read
-and parsed in ``_bodies.py``, OIP tensors (JSON or binary) in ``_oip.py``; ``ServerState`` (``_state.py``) is
-what the lifespan below opens and closes; ``Guard`` below counts every answer and enforces the body deadline.
+Where things are: the routes in ``_routes/`` (predict: /v1/predict; similar: /v1/similar; oip: /v2; labels:
+feedback and reviews; data: the data page; web: the web app and its read-only routes; admin; metrics) only
+validate and delegate, through the dependencies in ``_deps.py``, to ``_service.py`` (the answer path),
+``_similar.py`` (the galleries), ``_dataview.py`` (the data page's table) and ``_drift.py``; request bodies are read and parsed in ``_bodies.py``, OIP tensors (JSON or binary) in
+``_oip.py``; ``ServerState`` (``_state.py``) is what the lifespan below opens and closes; ``Guard`` below counts
+every answer and enforces the body deadline.
 """
 
 from __future__ import annotations
