@@ -82,6 +82,20 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def training_data(meta: dict[str, Any], hint: str) -> Path:
+    """The training data ``model.json`` names, when it is on this machine; else FoveaError ending with ``hint``
+    (what the caller's user can do instead)."""
+    recorded = (meta.get("data") or {}).get("root")
+    if not recorded:
+        raise FoveaError(f"its model.json names no training data (an ensemble of models trained on different data, "
+                         f"or an older artifact); {hint}")
+    root = Path(recorded)
+    if not root.exists():
+        raise FoveaError(f"the model's training data {root} is not here (not at that path any more: moved, or "
+                         f"trained on another machine); {hint}")
+    return root
+
+
 def runtime_of(meta: dict[str, Any]) -> str:
     """What runs the artifact: "torch", "onnxruntime", "torch.export" or "ensemble"."""
     if "ensemble" in meta:

@@ -198,7 +198,7 @@ def _thumbnail(path: str, size: int = 128) -> str:
         im.thumbnail((size, size))
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=80)
-    except Exception:  # noqa: BLE001 - it decoded for training; a file changed since is shown as missing
+    except (OSError, ValueError):  # it decoded for training; a file changed or gone since is shown as missing
         return ""
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fovea._home import home
-from fovea.artifact import META, ONNX_FILE, PT2_FILE, WEIGHTS, runtime_of
+from fovea.artifact import META, ONNX_FILE, PT2_FILE, WEIGHTS, runtime_of, training_data
 from fovea.errors import FoveaError
 
 log = logging.getLogger(__name__)
@@ -358,15 +358,7 @@ def _data_of(predictor: Any, data: str | Path | None) -> Path:
             raise FoveaError(f"{root} does not exist; --in takes a folder of images, a data set (DATA/CLASS/*, "
                              "DATA/train|val/CLASS/*) or a CSV path,label")
         return root
-    recorded = (predictor.meta.get("data") or {}).get("root")
-    if not recorded:
-        raise FoveaError(f"{predictor.path}: its model.json names no training data; give the images to search "
-                         "with --in DATA")
-    root = Path(recorded)
-    if not root.exists():
-        raise FoveaError(f"the model's training data {root} is not here (moved, or trained on another machine); give "
-                         "the images to search with --in DATA")
-    return root
+    return training_data(predictor.meta, "give the images to search with --in DATA")
 
 
 def _images_of(root: Path) -> _Images:

@@ -34,6 +34,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from fovea._home import home
+from fovea.artifact import training_data
 from fovea.errors import FoveaError, ImageError
 from fovea.serve._fleet import Served
 
@@ -106,15 +107,7 @@ def _training_split(meta: dict[str, Any]) -> dict[str, Any]:
 
 def data_root(meta: dict[str, Any]) -> Path:
     """The training data a model.json names; FoveaError saying why when it is not here."""
-    recorded = (meta.get("data") or {}).get("root")
-    if not recorded:
-        raise FoveaError("this model's model.json names no training data (an ensemble of models trained on different "
-                         "data, or an older artifact): there is no data set to show")
-    root = Path(recorded)
-    if not root.exists():
-        raise FoveaError(f"the model's training data is not at {root} any more (moved, or trained on another "
-                         "machine): put it back there to browse it here")
-    return root
+    return training_data(meta, "put it back there to browse it here")
 
 
 def _identity(s: Served) -> str:
