@@ -64,6 +64,34 @@ def test_a_machine_that_slows_down_shortens_the_run() -> None:
     assert clock.t + 10.0 <= 200.0 + 13.0  # over by at most the one epoch in which it slowed down (13 s)
 
 
+def test_a_run_out_of_time_still_ends_on_an_annealing_epoch() -> None:
+    """When the budget runs out mid-plan, the last epoch runs on the shortened plan, so its schedule ends."""
+    clock = Clock()
+    plans: list[int] = []  # the plan each epoch started on
+
+    class Recording(TimeBudget):
+        def before_epoch(self, fit: Any) -> None:
+            plans.append(int(fit.cfg.epochs))
+
+    budget = Recording(deadline=200.0, cap=None, finish=lambda fit, fwd: 10.0, clock=clock)
+    fit = SimpleNamespace(cfg=SimpleNamespace(epochs=60, batch_size=128), history=[], steps_per_epoch=15,
+                          epoch=0, step=0, val=[0] * 1000, val_seconds=0.0)
+    budget.before_fit(fit)  # type: ignore[arg-type]
+    while fit.epoch < fit.cfg.epochs:
+        budget.before_epoch(fit)
+        for _ in range(15):
+            clock.t += 0.4 if fit.epoch < 5 else 20.0  # from epoch 6 one epoch eats the whole budget
+            fit.step += 1
+            budget.after_batch(fit)  # type: ignore[arg-type]
+        clock.t += 1.0
+        fit.val_seconds = 1.0
+        fit.history.append({"epoch": fit.epoch + 1})
+        budget.after_epoch(fit)  # type: ignore[arg-type]
+        fit.epoch += 1
+    assert plans[1] == 27 and len(fit.history) == 7  # planned 27; out of time after the 6th
+    assert plans[-1] == len(fit.history) == fit.cfg.epochs  # the 7th ran on the plan it ended: lr at its end
+
+
 def test_a_cap_limits_the_epochs_and_a_tiny_budget_still_trains_one() -> None:
     clock = Clock()
     fit = simulate(TimeBudget(200.0, 5, lambda fit, fwd: 10.0, clock=clock), clock, step_s=lambda e: 0.4)

@@ -226,5 +226,10 @@ class TimeBudget(Callback):
         total = len(fit.history) + int(max(left, 0.0) // epoch_s)
         # Changing the plan moves the schedule a little: only when it would overrun, or could run notably longer.
         current = int(fit.cfg.epochs or 1)
+        if self.planned and len(fit.history) < current and total <= len(fit.history):
+            # Stopping now would end on an epoch that ran on the longer plan's schedule, its learning rate still
+            # high: keep one more epoch, in which the shortened one-cycle schedule anneals to its end (a run
+            # that has no plan yet has only its first epoch behind it, and stops: a tiny budget trains one).
+            total = len(fit.history) + 1
         if not self.planned or total < current or (total > current + 1 and len(fit.history) < current / 2):
             self._apply(fit, total, f"{epoch_s:.1f} s per epoch measured, {max(left, 0.0):.0f} s left for epochs")
