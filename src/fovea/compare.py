@@ -25,7 +25,7 @@ log = logging.getLogger("fovea.compare")
 # resume) or starts from one model's weights (weights, mode, freeze), which cannot hold across architectures.
 TRAIN_OPTIONS = ("epochs", "image_size", "batch_size", "device", "seed", "pretrained", "val_fraction", "cache",
                  "augment", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing", "tta", "dropout",
-                 "amp", "channels_last", "compile", "patience", "monitor", "preprocess")
+                 "amp", "channels_last", "compile", "patience", "monitor", "preprocess", "clip_grad", "time")
 
 # (header, row key, format): one table for the terminal (rich) and compare.md. Three decimals of accuracy:
 # a 1000-image val set resolves 0.1 %, and its 95 % interval is some ±2 % wide anyway.
@@ -49,7 +49,10 @@ NOTES = (
     "activations and pooling are not counted. train s: the training loop (metrics.json train_seconds); "
     "wall s: the model's whole fovea.train call (decoding, training, final evaluation, report). "
     "Accuracies and ROC-AUC (binary, or macro one-vs-rest): the validation split, as each run's metrics.json "
-    "holds them (best epoch restored, mirror TTA by default)."
+    "holds them (best epoch restored, mirror TTA by default). Classical models (hog-svm, ...): parameters are "
+    "the fitted arrays (standardisation, classifier; k-NN's stored training features), and MFLOPs add an "
+    "estimate of the handcrafted features' arithmetic, which runs outside torch; train s is their feature "
+    "extraction and fit (no epochs). compare.png: accuracy against training time."
 )
 
 
@@ -217,3 +220,27 @@ def _write(root: Path, rows: list[dict[str, Any]], *, data: str | Path, train_kw
                "train_options": train_kwargs, "notes": NOTES, "rows": rows}
     (root / "compare.json").write_text(json.dumps(summary, indent=2, default=str))
     (root / "compare.md").write_text(to_markdown(rows, data=data, wall=wall))
+    plot(rows, root / "compare.png", title=f"fovea compare: {Path(data).name}")
+
+
+def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> Path | None:
+    """Validation accuracy against training seconds (log scale), one labelled point per model that trained."""
+    done = [r for r in rows if not r.get("error")]
+    if not done:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in done:
+        seconds = max(float(r["train_seconds"]), 1e-2)
+        ax.scatter(seconds, r["accuracy"], s=30)
+        ax.annotate(r["model"], (seconds, r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    ax.set(xscale="log", xlabel="training seconds (log scale)", ylabel="validation accuracy", title=title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -385,7 +385,7 @@ def test_gallery_writes_one_png_with_every_operation(photo: np.ndarray, tmp_path
 def test_cli_gallery_and_a_bad_name(photo_path: Path, tmp_path: Path) -> None:
     done = fovea_cli("ops", "gallery", str(photo_path), "--out", str(tmp_path / "gallery.png"))
     assert done.returncode == 0, done.stderr
-    assert "31 tiles" in done.stdout and Image.open(tmp_path / "gallery.png").format == "PNG"
+    assert "32 tiles" in done.stdout and Image.open(tmp_path / "gallery.png").format == "PNG"
     done = fovea_cli("ops", "blurr", str(photo_path), cwd=tmp_path)  # exit 2, one line, no traceback
     assert done.returncode == 2 and done.stderr.startswith("error:") and "did you mean blur" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

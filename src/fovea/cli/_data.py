@@ -76,19 +76,21 @@ def check(
         render.check_report(report)
 
 
-@app.command(epilog=examples("fovea models", "fovea models --source fovea", "fovea models --filter resnet"))
+@app.command(epilog=examples("fovea models", "fovea models --source fovea", "fovea models --filter resnet",
+                             "fovea models --filter svm      # the classical models: features -> a linear SVM"))
 def models(
     source: Annotated[str, typer.Option(help="all | fovea | torchvision | timm")] = "all",
     filter: Annotated[str | None, typer.Option("--filter", help="Only names containing this text.")] = None,
 ) -> None:
     """List every architecture Fovea can train."""
-    from fovea.models import list_models
+    from fovea.models import describe_model, list_models
 
     if source not in ("all", "fovea", "torchvision", "timm"):
         raise FoveaError(f"--source must be all, fovea, torchvision or timm, not {source!r}")
     names = [n for n in list_models(source) if not filter or filter in n]
-    for n in names:
-        typer.echo(n)
+    for n in names:  # the name first (scripts take the first word); Fovea's own say what they are
+        about = describe_model(n)
+        typer.echo(f"{n:<16} {about}" if about else n)
     typer.echo(f"{len(names)} models", err=True)
 
 

@@ -118,6 +118,10 @@ def summary_table(summary: Any, depth: int | None = None) -> None:
     flops = f"{s.flops / 1e9:,.2f} GFLOPs" if s.flops >= 1e9 else f"{s.flops / 1e6:,.1f} MFLOPs"
     con.print(f"parameters {s.parameters:,} ({s.trainable_parameters:,} trainable, {s.param_bytes / 1e6:,.2f} MB); "
               f"{flops} per image at {s.image_size}x{s.image_size} px", highlight=False)
+    if s.formulas:
+        con.print("[bold]The course's formulas[/] (d: inputs per step, h: hidden units)")
+        for line in s.formulas:
+            con.print(f"  {escape(line)}", highlight=False)
 
 
 # --- training -----------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from fovea.errors import FoveaError
     "fovea train scans/ --sampler balanced --group-regex '^(patient\\d+)_'",
     "fovea train data/pets --seeds 5 --out runs/pets-ens           # 5 models and their ensemble",
     "fovea train data/xrays --preprocess gray,clahe                # classical steps, kept in the model",
+    "fovea train data/pets --model hog-svm                         # handcrafted features + a linear SVM, in seconds",
+    "fovea train data/digits --model lstm --bidirectional --clip-grad 1   # an image read row by row",
 ))
 @train_options()
 def train(
@@ -35,6 +37,7 @@ def train(
     from_store: Annotated[str | None, typer.Option(help="Retrain registered model NAME on its original data plus the images confirmed in its review queue, with its production version's settings; registers the result as NAME:candidate.")] = None,
     arch: Annotated[list[str] | None, typer.Option(help="Architecture option KEY=VALUE, repeatable.")] = None,
     batch_norm: Annotated[bool | None, typer.Option("--batch-norm/--no-batch-norm", help="mlp/cnn: with or without batch norm (default with).")] = None,
+    bidirectional: Annotated[bool, typer.Option("--bidirectional", help="rnn/lstm/gru: read the rows in both directions (the same as --arch bidirectional=true).")] = False,
     quiet: QuietOption = False,
     **options: Any,
 ) -> None:
@@ -58,6 +61,8 @@ def train(
     extra = parse_arch(arch)
     if batch_norm is not None:
         extra["batch_norm"] = batch_norm
+    if bidirectional:
+        extra["bidirectional"] = True
     run = run_train(data, **given(options), extra=extra, progress=not quiet, started=STARTED)
     render.train_result(run_result(run))
 
@@ -96,7 +101,7 @@ def lr_find(
     "fovea compare data/pets --models mlp,cnn,resnet18 --no-pretrained --epochs 20 --out runs/fc-vs-cnn",
     "fovea compare data/pets --models cnn,resnet18,mobilenetv3_small_100 --image-size 128 --device cuda",
 ))
-@train_options("epochs", "image_size", "batch_size", "device", "seed", "pretrained", "preprocess",
+@train_options("epochs", "image_size", "batch_size", "device", "seed", "pretrained", "preprocess", "clip_grad",
                help={"epochs": "Epochs for every model (default: per model, data size and device).",
                      "image_size": "Square input size in px for every model (default: per model and device).",
                      "seed": "Seed of every run.",

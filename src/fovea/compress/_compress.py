@@ -183,6 +183,9 @@ def _build(method: str, model: TorchModel, folder: Path, calibration: torch.Tens
     from safetensors.torch import save_file
 
     runtime = METHODS[method][0]
+    why = getattr(model.net, "no_export", None)  # a classical model: features outside torch
+    if why and runtime != "torch":
+        raise FoveaError(f"{method} does not apply to {model.meta['architecture']['name']}: {why}")
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
              for k, v in model.net.state_dict().items()}
     extra: dict[str, Any] = {}
@@ -367,7 +370,12 @@ def compress(
     rows.append(base_row)
     timed: list[tuple[Row, Network]] = [(base_row, base)]
     sample = images[torch.from_numpy(_stratified(labels, gradcam_images, seed))] if gradcam_images > 0 else images[:0]
-    cams = GradCamCheck(base, sample) if len(sample) else None
+    cams = None
+    if len(sample):
+        try:
+            cams = GradCamCheck(base, sample)
+        except FoveaError as e:  # a model with no feature map (mlp, recurrent, classical): no Grad-CAM column
+            log.info("no Grad-CAM comparison: %s", e)
     with tempfile.TemporaryDirectory(prefix="fovea-compress-") as tmp:
         for method in methods:
             folder = out / method

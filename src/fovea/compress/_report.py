@@ -97,7 +97,8 @@ def write_report(path: Path, result: dict[str, Any], cams: GradCamCheck | None) 
                                     _num(e["mean_abs_error"], ".2e"), _num(e["max_abs_error"], ".2e")]
                                    for e in layers[:12]],
                                   ["weight", "shape", "SQNR dB", "mean |error|", "max |error|"]))
-    calib = [r for r in result["rows"] if r["method"].startswith("ort-int8-") and r["device"] == "cpu"]
+    calib = [r for r in result["rows"] if r["method"].startswith("ort-int8-") and r["device"] == "cpu"
+             and r.get("accuracy") is not None]  # a method that failed to build has no figures
     if calib:
         parts.append("<h2>ONNX Runtime int8: calibrations compared</h2>" + table_html(
             [[r["method"].removeprefix("ort-int8-"), _num(r["accuracy"] * 100, ".1f"), _num(r["agreement"] * 100, ".1f"),

@@ -16,17 +16,35 @@ def learning_curves(history: list[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    norms = [h.get("grad_norm") for h in history]
+    with_norm = any(n is not None for n in norms)  # older runs' history has no gradient norm
+    fig, axes = plt.subplots(1, 3 if with_norm else 2, figsize=(15 if with_norm else 10, 3.6))
+    a, b = axes[0], axes[1]
     a.plot(ep, [h["train_loss"] for h in history], label="train")
     a.plot(ep, [h["val_loss"] for h in history], label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="Loss")
     b.plot(ep, [h["train_acc"] for h in history], label="train")
     b.plot(ep, [h["val_acc"] for h in history], label="validation")
     b.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
-    for ax in (a, b):
+    if with_norm:
+        # Vanishing gradients: the norm falls towards 0 while the loss stays high; exploding: it jumps by orders of
+        # magnitude or turns inf/NaN (a gap in the line). Log scale shows both.
+        c = axes[2]
+        c.plot(ep, [float("nan") if n is None else n for n in norms], label="mean")
+        c.plot(ep, [h.get("grad_norm_max", float("nan")) for h in history], label="max", alpha=0.6)
+        c.set(xlabel="epoch", ylabel="L2 norm (before clipping)", title="Gradient norm", yscale="log")
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     return figure_html(fig)
+
+
+def _classical_html(c: dict[str, Any]) -> str:
+    """What a classical model is and what was fitted: the feature, the classifier, the chosen hyperparameters."""
+    rows = [[k.replace("_", " "), v] for k, v in c.items()]
+    return ("<h2>Classical model</h2><p>Handcrafted features into a scikit-learn classifier, fitted in one pass "
+            "(no epochs, no gradient); the hyperparameters not given were chosen by cross-validation on the training "
+            "images.</p>" + table_html(rows, ["", "value"]))
 
 
 def confusion_plot(cm: list[list[int]], classes: list[str]) -> str:
@@ -177,8 +195,19 @@ def write_report(path: str | Path, *, title: str, meta: dict[str, Any] | None, m
         parts.append(_diagnosis_html(metrics["diagnosis"]))
     if meta and meta.get("transfer", {}).get("mode") not in (None, "scratch"):
         parts.append(_transfer_html(meta["transfer"]))
+    if meta and meta.get("transfer", {}).get("classical"):
+        parts.append(_classical_html(meta["transfer"]["classical"]))
     if history:
         parts.append("<h2>Learning curves</h2>" + learning_curves(history))
+        norms = [h["grad_norm"] for h in history if h.get("grad_norm") is not None]
+        if norms:
+            clip = ((meta or {}).get("training") or {}).get("clip_grad")
+            largest = max((h.get("grad_norm_max", float("nan")) for h in history), key=lambda v: (v == v, v))
+            parts.append(f"<p>Gradient norm (L2 over all parameters, before "
+                         f"{f'clipping at --clip-grad {clip:g}' if clip else 'any clipping: --clip-grad was not set'}"
+                         f"): mean {format_cell(norms[0])} in the first epoch, {format_cell(norms[-1])} in the last, "
+                         f"largest step {format_cell(largest)}. A norm falling towards 0 while the loss stays high "
+                         f"means vanishing gradients; one jumping by orders of magnitude, or NaN, exploding ones.</p>")
     classes = metrics.get("classes", [])
     if metrics.get("confusion_matrix"):
         parts.append("<h2>Confusion matrix</h2>" + confusion_plot(metrics["confusion_matrix"], classes))

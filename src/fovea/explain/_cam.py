@@ -87,6 +87,9 @@ def find_target_layer(net: nn.Module, image_size: int = 224) -> str:
     named (``layer4``, not ``layer4.1.act2``). A 1 x 1 map is no map: mobilenetv3's conv_head after the
     global pool is skipped, so is a last stage that an input this small shrinks to one cell.
     """
+    why = getattr(net, "no_cam", None)  # a model that says why maps do not apply to it (classical, recurrent)
+    if why:
+        raise FoveaError(f"does not apply: {why}")
     found = _spatial_outputs(net, image_size)
     if not found:
         raise FoveaError(f"{type(net).__name__} has no spatial feature map at {image_size} px (a fully connected "
@@ -96,8 +99,8 @@ def find_target_layer(net: nn.Module, image_size: int = 224) -> str:
 
 def resolve_layer(net: nn.Module, image_size: int, layer: str | None) -> tuple[str, nn.Module]:
     """The target layer: ``layer`` by name if given (checked to give a spatial map), else found."""
-    if layer is None:
-        name = find_target_layer(net, image_size)
+    if layer is None or getattr(net, "no_cam", None):
+        name = find_target_layer(net, image_size)  # raises "does not apply" for a model without maps
         return name, net.get_submodule(name)
     modules = dict(net.named_modules())
     spatial = list(dict.fromkeys(n for n, _ in _spatial_outputs(net, image_size)))

@@ -19,8 +19,16 @@ _TORCHVISION = ("alexnet", "googlenet")  # course classics that timm does not sh
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register ``fn`` under its ``__name__``; the first line of its docstring is what ``fovea models`` says it is,
+    and an optional ``config`` attribute (mean, std, optimizer, kind) what ``default_config`` adds for it."""
     _MODELS[fn.__name__] = fn
     return fn
+
+
+def describe_model(name: str) -> str:
+    """One line on what a model is: Fovea's own from their docstrings; "" for timm's and torchvision's."""
+    fn = _MODELS.get(name)
+    return (fn.__doc__ or "").strip().splitlines()[0] if fn is not None and fn.__doc__ else ""
 
 
 def _timm_names() -> list[str]:
@@ -118,8 +126,9 @@ def default_config(name: str) -> dict[str, Any]:
     """Preprocessing the architecture expects: input size, mean, std, interpolation (timm's pretrained_cfg)."""
     imagenet = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear"}
     src = source_of(name)
-    if src == "fovea":
-        return {**imagenet, "input_size": getattr(_MODELS[name], "default_size", 64)}
+    if src == "fovea":  # a model's own config (classical: mean 0, std 1; recurrent: adamw) over ImageNet's
+        own = getattr(_MODELS[name], "config", {})
+        return {**imagenet, "input_size": getattr(_MODELS[name], "default_size", 64), **own}
     if src == "torchvision":
         return {**imagenet, "input_size": 224}
     import timm

@@ -117,11 +117,13 @@ class CNN(nn.Module):
 
 @register_model
 def mlp(num_classes: int, image_size: int = 32, **kwargs: object) -> nn.Module:
+    """fully connected baseline: flatten, hidden layers (--arch hidden=512,256), linear"""
     return MLP(num_classes, image_size, **kwargs)  # type: ignore[arg-type]
 
 
 @register_model
 def cnn(num_classes: int, image_size: int = 64, **kwargs: object) -> nn.Module:
+    """compact residual convnet for small data on a CPU (--arch widths=24,48,96,192)"""
     return CNN(num_classes, image_size, **kwargs)  # type: ignore[arg-type]
 
 

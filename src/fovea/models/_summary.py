@@ -60,6 +60,11 @@ class Summary:
     layers: list[Layer]
     input_shape: list[int] = field(default_factory=list)
     param_bytes: int = 0  # of the parameters, as stored (4 per float32)
+    # The course's parameter formulas where the model writes them out (recurrent cells), one line per layer
+    formulas: list[str] = field(default_factory=list)
+    # Estimated operations torch's counter does not see (a classical model's handcrafted features), in the model's
+    # row and the total; 0 for networks, whose every FLOP torch counts
+    uncounted_flops: int = 0
 
     @property
     def parameters(self) -> int:
@@ -92,7 +97,15 @@ class Summary:
                 top.flops += layer.flops
         return list(shown.values())
 
-    notes = NOTES  # what a row's counts mean: a table of them should say so
+    @property
+    def notes(self) -> str:
+        """What a row's counts mean: a table of them should say so."""
+        if not self.uncounted_flops:
+            return NOTES
+        return (NOTES + f" The model's own row includes {self.uncounted_flops:,} operations of its handcrafted features "
+                "(and naive Bayes' elementwise sums), computed outside torch's counter and estimated from the "
+                "algorithm; its parameters are the fitted arrays (standardisation, classifier), none trained by "
+                "gradient.")
 
     def cells(self, depth: int | None = None) -> list[list[str]]:
         """The layer table as text, one row per layer down to ``depth``: name (indented), type, output shape,
@@ -116,7 +129,8 @@ class Summary:
     def to_dict(self, depth: int | None = None) -> dict[str, Any]:
         return {"model": self.model, "source": self.source, "image_size": self.image_size,
                 "num_classes": self.num_classes, "input_shape": self.input_shape, "output_shape": self.output_shape,
-                "depth": depth, "layers": [asdict(layer) for layer in self.at_depth(depth)], "totals": self.totals()}
+                "depth": depth, "layers": [asdict(layer) for layer in self.at_depth(depth)], "totals": self.totals(),
+                "formulas": self.formulas, "uncounted_flops": self.uncounted_flops}
 
 
 def summarize(
@@ -196,7 +210,7 @@ def _shape(out: Any) -> list[int] | list[list[int]] | None:
 
 
 def _flop_counter() -> Any:
-    """torch's FLOP counter, taught the CPU's attention kernel.
+    """torch's FLOP counter, taught the CPU's attention kernel and oneDNN's LSTM layer.
 
     torch 2.11 has a formula for the CUDA attention kernels (flash, efficient, cudnn) but not for the one
     ``scaled_dot_product_attention`` runs on a CPU, so a ViT's attention counted 0 FLOPs there (vit_tiny:
@@ -207,8 +221,22 @@ def _flop_counter() -> Any:
     def sdpa(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
         return sdpa_flop_count(query, key, value)
 
+    def rnn_layer(input: Any, w_ih: Any, w_hh: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        """oneDNN's fused LSTM layer (what nn.LSTM runs on a CPU; torch counts it as 0): at every step, the input
+        and the previous hidden state times their weights, (G h x d) and (G h x h), 2 FLOPs per multiply-add."""
+        from math import prod
+
+        steps = prod(input) // input[-1]  # batch x time (torch hands the formula shapes, not tensors)
+        return 2 * steps * (prod(w_ih) + prod(w_hh))
+
+    mapping: dict[Any, Any] = {}
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return FlopCounterMode(display=False, custom_mapping={cpu_attention: sdpa} if cpu_attention else None)
+    if cpu_attention is not None:
+        mapping[cpu_attention] = sdpa
+    onednn_rnn = getattr(torch.ops.aten, "mkldnn_rnn_layer", None)
+    if onednn_rnn is not None:
+        mapping[onednn_rnn] = rnn_layer
+    return FlopCounterMode(display=False, custom_mapping=mapping or None)
 
 
 def _summarize(net: nn.Module, *, label: str, source: str, image_size: int, num_classes: int | None) -> Summary:
@@ -258,8 +286,13 @@ def _summarize(net: nn.Module, *, label: str, source: str, image_size: int, num_
         for h in handles:
             h.remove()
         net.train(was_training)
+    own_flops = getattr(net, "uncounted_flops", None)  # a classical model's features: estimated, not counted
+    uncounted_flops = int(own_flops()) if callable(own_flops) else 0
+    layers[net].flops += uncounted_flops
+    formulas = getattr(net, "parameter_formulas", None)
     return Summary(label, source, image_size, num_classes, list(layers.values()),
-                   input_shape=list(x.shape), param_bytes=param_bytes)
+                   input_shape=list(x.shape), param_bytes=param_bytes,
+                   formulas=list(formulas()) if callable(formulas) else [], uncounted_flops=uncounted_flops)
 
 
 def _shape_cell(shape: Any, calls: int = 1) -> str:

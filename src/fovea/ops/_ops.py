@@ -45,7 +45,7 @@ SHAPES = {"rect": cv2.MORPH_RECT, "ellipse": cv2.MORPH_ELLIPSE, "cross": cv2.MOR
 MAX_KERNEL = 31  # a bigger custom kernel is almost surely a typo, and filter2D's cost grows with its area
 
 # Op kinds, in the order `fovea ops list` and the gallery show them.
-KINDS = ("colour", "contrast", "threshold", "mask", "morphology", "edges", "filter", "shapes")
+KINDS = ("colour", "contrast", "threshold", "mask", "morphology", "edges", "filter", "segment", "shapes")
 
 
 @dataclass(frozen=True)
@@ -473,6 +473,48 @@ def median(image: np.ndarray, *, size: int = 5) -> np.ndarray:
     _odd("median", "size", size)
     _need(size <= 99, f"median: size must be at most 99, got {size}")
     return cv2.medianBlur(image, size)
+
+
+# --- segmentation: k-means colour clusters ---------------------------------------------------------
+
+
+@dataclass
+class Clusters:
+    """K-means colour segmentation: every pixel replaced by its cluster's centre colour."""
+
+    centres: np.ndarray  # (k, 3) uint8 RGB (or (k, 1) gray), clusters ordered by share, largest first
+    shares: list[float]  # of the pixels in each cluster
+    labels: np.ndarray  # (H, W) int32 cluster index per pixel (in the order above)
+    image: np.ndarray  # the input with each pixel its cluster's centre
+
+
+def kmeans_clusters(image: np.ndarray, *, k: int = 4, attempts: int = 3, iterations: int = 20, seed: int = 0) -> Clusters:
+    """Cluster the pixels' colours (RGB, or gray) into ``k`` groups with cv2.kmeans (k-means++ seeding, the best of
+    ``attempts`` runs by compactness), seeded, so the same image always gives the same segmentation - which a
+    --preprocess step needs. Clusters are numbered by size, so labels do not depend on the random start either."""
+    check_image(image)
+    _need(1 <= k <= 64, f"kmeans: k must be in 1..64, got {k}")
+    _need(1 <= attempts <= 20, f"kmeans: attempts must be in 1..20, got {attempts}")
+    _need(1 <= iterations <= 500, f"kmeans: iterations must be in 1..500, got {iterations}")
+    pixels = image.reshape(-1, 1 if image.ndim == 2 else 3).astype(np.float32)
+    k = min(k, len(pixels))
+    cv2.setRNGSeed(seed)  # cv2.kmeans draws from OpenCV's RNG: seeded here, the result repeats
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, iterations, 0.5)
+    _, labels, centres = cv2.kmeans(pixels, k, None, criteria, attempts, cv2.KMEANS_PP_CENTERS)  # type: ignore[call-overload]
+    counts = np.bincount(labels.ravel(), minlength=k)
+    order = np.argsort(-counts, kind="stable")  # largest cluster first
+    rank = np.empty(k, np.int32)
+    rank[order] = np.arange(k, dtype=np.int32)
+    centres_u8 = _to_u8(centres[order])
+    labels = rank[labels.ravel()].reshape(image.shape[:2])
+    return Clusters(centres_u8, [float(c) / len(pixels) for c in counts[order]], labels,
+                    centres_u8[labels].reshape(image.shape))
+
+
+@register("kmeans", "segment")
+def kmeans(image: np.ndarray, *, k: int = 4, attempts: int = 3, iterations: int = 20, seed: int = 0) -> np.ndarray:
+    """K-means colour segmentation: each pixel becomes the centre colour of its cluster (k clusters); see kmeans_clusters."""
+    return kmeans_clusters(image, k=k, attempts=attempts, iterations=iterations, seed=seed).image
 
 
 # --- shapes: contours and lines ------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fovea.errors import FoveaError
-from fovea.ops._ops import apply, find_contours, find_lines, get_op
+from fovea.ops._ops import apply, find_contours, find_lines, get_op, kmeans_clusters
 from fovea.ops._steps import parse_steps, preprocess
 
 
@@ -40,6 +40,12 @@ def run(op: str, rgb: np.ndarray, params: dict[str, str], mask2: np.ndarray | No
         shown = ", ".join(f"{a:g}" for a in found.areas[:20]) + (f" ... and {found.count - 20} more" if found.count > 20 else "")
         return OpResult(found.image, [f"{found.count} contours (threshold {found.level}); areas in px^2, largest first: "
                                       f"{shown or 'none'}"])
+    if spec.name == "kmeans":
+        seg = kmeans_clusters(rgb, **spec.check_params(params))
+        text = [f"{len(seg.shares)} clusters, largest first:"]
+        text += [f"  {i}: {'RGB ' + str(tuple(int(v) for v in c)) if len(c) == 3 else 'gray ' + str(int(c[0]))}  "
+                 f"{100 * share:.1f} % of the pixels" for i, (c, share) in enumerate(zip(seg.centres, seg.shares))]
+        return OpResult(seg.image, text)
     if spec.name == "hough":
         lines = find_lines(rgb, **spec.check_params(params))
         text = [f"{len(lines.lines)} line segments, longest first:"]

@@ -14,7 +14,8 @@ from fovea.errors import FoveaError
 from fovea.training._fit import Callback, Fit
 
 log = logging.getLogger("fovea.training")
-HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds"]
+HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "grad_norm", "grad_norm_max",
+                  "images_per_s", "seconds"]
 
 
 class ProgressBar(Callback):

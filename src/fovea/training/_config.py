@@ -46,6 +46,10 @@ class TrainConfig:
     mixup: float | None = None  # mixup Beta(alpha) (Zhang et al. 2018); None: 0.8 with --augment strong, else off
     cutmix: float | None = None  # cutmix Beta(alpha) (Yun et al. 2019); None: 1.0 with --augment strong, else off
     l1: float = 0.0  # L1 penalty on weights (not biases/norms), added to the loss: sparse weights
+    # Rescale the gradient to at most this global L2 norm before each step (Pascanu et al. 2013): what keeps a
+    # recurrent network's exploding gradients from throwing it out of its basin. None: off (the norm is still
+    # recorded per epoch in history.csv, so vanishing or exploding gradients show).
+    clip_grad: float | None = None
     class_weights: str = "none"  # auto: loss weighted by n / (classes x n_class), for imbalanced data
     sampler: str = "shuffle"  # balanced: draw every class equally often (oversampling, with replacement)
     human_error: float | None = None  # human-level error, for the bias/variance diagnosis (None: taken as 0)
@@ -119,6 +123,8 @@ class TrainConfig:
             raise FoveaError("--resume continues one run: give one fold's or seed's folder, e.g. --out OUT/fold-1 --resume")
         if self.l1 < 0:
             raise FoveaError(f"--l1 must be >= 0, got {self.l1}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise FoveaError(f"--clip-grad is the largest gradient norm allowed, so > 0, got {self.clip_grad}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise FoveaError(f"--dropout is a probability in [0, 1), got {self.dropout}")
         if self.weight_decay is not None and self.weight_decay < 0:
@@ -218,6 +224,9 @@ OPTIONS: dict[str, Option] = {
     "mixup": Option("Mixup alpha (0 off; default 0.8 with --augment strong)."),
     "cutmix": Option("CutMix alpha (0 off; default 1.0 with --augment strong)."),
     "l1": Option("L1 penalty on weights, added to the loss."),
+    "clip_grad": Option("Rescale each step's gradient to at most this L2 norm (e.g. 1.0; recurrent models need it "
+                        "at high learning rates). The norm per epoch is in history.csv either way.",
+                        metavar="NORM"),
     "class_weights": Option("none | auto (loss weighted against imbalance)"),
     "sampler": Option("shuffle | balanced (oversample rare classes)"),
     "group_regex": Option("Group (patient, source) = this regex's first group on the file name; splits keep groups "
@@ -253,6 +262,18 @@ def preprocess_steps(cfg: TrainConfig) -> list[Any]:
     from fovea.ops import parse_steps
 
     return parse_steps(cfg.preprocess)
+
+
+def _model_optimizer(model: str | None) -> str | None:
+    """The optimizer a Fovea model names in its config (the recurrent ones: adamw), else None."""
+    if not model:
+        return None
+    from fovea.models import default_config
+
+    try:
+        return default_config(model).get("optimizer")
+    except FoveaError:
+        return None
 
 
 GPU_CNN_WIDTHS = (48, 96, 192, 384, 512)
@@ -297,6 +318,10 @@ def resolve(cfg: TrainConfig, *, device_type: str, n_train: int, source: str, na
     if c.mode != "scratch" and not transfer:
         raise FoveaError(f"--mode {c.mode} starts from trained weights: add --weights FILE|RUN, or --pretrained "
                          "for a timm architecture (hub weights need the network)")
+    own_optimizer = _model_optimizer(c.model) if small_own else None
+    if c.optimizer is None and own_optimizer:
+        c.optimizer = own_optimizer
+        why["optimizer"] = f"{own_optimizer}: the one {c.model} was tuned with"
     if c.optimizer is None:
         c.optimizer = "sgd" if small_own and not transfer else "adamw"
         why["optimizer"] = ("SGD + Nesterov trains small nets from scratch best" if c.optimizer == "sgd"

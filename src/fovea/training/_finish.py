@@ -7,19 +7,30 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from fovea.data import ImageSet
 from fovea.runtime import infer, save_model
-from fovea.training._config import preprocess_steps
-from fovea.training._fit import Fit
+from fovea.training._config import TrainConfig, preprocess_steps
 
 log = logging.getLogger("fovea.training")
 
 
-def finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantined: list[dict[str, str]],
+class Trained(Protocol):
+    """What the end of a run reads: the loop's ``Fit``, or a classical model's ``Fitted`` (no loop)."""
+
+    cfg: TrainConfig
+    run: Path
+    model: nn.Module
+    device: torch.device
+    history: list[dict[str, Any]]
+    best_epoch: int
+
+
+def finish(fit: Trained, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantined: list[dict[str, str]],
             arch_kwargs: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...], native: dict[str, Any],
             timings: dict[str, float], transfer: dict[str, Any]) -> Path:
     """Final validation metrics, the artifact, metrics.json and report.html."""
@@ -28,7 +39,12 @@ def finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantine
 
     cfg, run = fit.cfg, fit.run
     clock = time.perf_counter()
-    logits = fit.val_logits(tta=cfg.tta)
+
+    def evaluated(images: torch.Tensor) -> torch.Tensor:  # the final weights, no augmentation, TTA as configured
+        return infer(fit.model, images, mean=mean, std=std, device=fit.device, amp=bool(cfg.amp), tta=cfg.tta,
+                     channels_last=bool(cfg.channels_last))
+
+    logits = evaluated(val_set.images)
     metrics = classification_metrics(val_set.labels.numpy(), logits.softmax(1).numpy(), ds.classes) if len(val_set) else {}
     metrics.update({"best_epoch": fit.best_epoch, "epochs_run": len(fit.history), "train_seconds": round(timings["train"], 2),
                     "n_train": len(train_set), "n_val": len(val_set), "skipped": len(quarantined)})
@@ -37,8 +53,7 @@ def finish(fit: Fit, ds: Any, train_set: ImageSet, val_set: ImageSet, quarantine
     if len(val_set):
         # Training error for the bias/variance diagnosis: the final weights on the training images, no
         # augmentation, evaluated exactly like validation.
-        train_logits = infer(fit.model, train_set.images, mean=fit.batches.mean, std=fit.batches.std, device=fit.device,
-                             amp=bool(cfg.amp), tta=cfg.tta, channels_last=bool(cfg.channels_last))
+        train_logits = evaluated(train_set.images)
         metrics["train_accuracy"] = float((train_logits.argmax(1) == train_set.labels).float().mean())
         metrics["diagnosis"] = diagnose(1 - metrics["train_accuracy"], 1 - metrics["accuracy"], cfg.human_error)
     meta = {

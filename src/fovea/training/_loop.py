@@ -78,7 +78,9 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     assert peak is not None, "resolve() sets the learning rate"
     loss_sum = torch.zeros((), device=fit.device)
     correct = torch.zeros((), device=fit.device)
-    seen = 0
+    norm_sum = torch.zeros((), device=fit.device)  # the gradient's global L2 norm, before --clip-grad
+    norm_max = torch.zeros((), device=fit.device)
+    seen = steps = 0
     fit.running = {}
     fit.fire("before_epoch")
     lr_of = fit.lr_fn or (lambda step, total: lr_at(step, total, peak, cfg.schedule))
@@ -86,10 +88,13 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
         lr = lr_of(fit.step, fit.total_steps())
         for g in fit.opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)  # discriminative learning rates when fine-tuning
-        loss, logits = step_fn(x, y)
+        loss, logits, grad_norm = step_fn(x, y)
         loss_sum += loss.detach() * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
+        norm_sum += grad_norm
+        norm_max = torch.maximum(norm_max, grad_norm)  # NaN propagates: a step that blew up shows
         seen += len(y)
+        steps += 1
         fit.step += 1
         # Reading the running loss syncs the GPU and stops the CPU queueing work ahead: every 10th step at most.
         if fit.step % max(10, fit.steps_per_epoch // 10) == 0:
@@ -106,6 +111,7 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
         "epoch": fit.epoch + 1, "lr": lr_of(fit.step - 1, fit.total_steps()),
         "train_loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1),
         "val_loss": val_loss, "val_acc": val_acc,
+        "grad_norm": float(norm_sum) / max(steps, 1), "grad_norm_max": float(norm_max),
         "images_per_s": seen / max(train_seconds, 1e-9), "seconds": time.perf_counter() - fit.epoch_start,
     })
     fit.fire("after_epoch")
@@ -228,6 +234,10 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
 
     timings["decode"] = time.perf_counter() - clock
     clock = time.perf_counter()
+    if native.get("kind") == "classical":  # handcrafted features + scikit-learn: fitted in one pass, no loop
+        from fovea.training._classical import train_classical
+
+        return train_classical(cfg, run, ds, train_set, val_set, quarantined, arch_kwargs, native, timings, device)
     mean, std = tuple(native["mean"]), tuple(native["std"])
     if weights_meta is not None:  # a Fovea backbone: normalise as it was trained
         mean, std = tuple(weights_meta["preprocessing"]["mean"]), tuple(weights_meta["preprocessing"]["std"])
@@ -354,7 +364,7 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
         log.warning("mixup/cutmix mix images; --mode features trains on fixed embeddings, so they are off")
     l1_params = [p for p in trained.parameters() if p.ndim > 1]
 
-    def step_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast(device, bool(cfg.amp)):
             if mixer is not None:
                 x, soft = mixer(x, y)  # soft targets carry the label smoothing
@@ -368,8 +378,16 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
             loss = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params if p.requires_grad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        # The gradient's norm every step (history.csv's grad_norm: vanishing or exploding gradients show), and
+        # with --clip-grad the gradient rescaled to at most that norm (Pascanu et al. 2013), as the course's RNNs
+        # need. One fused norm over all parameters; no host sync.
+        grads = [p.grad for p in trained.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads).detach() if grads else torch.zeros((), device=device)
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grads_with_norm_([p for p in trained.parameters() if p.grad is not None],
+                                                 cfg.clip_grad, grad_norm)
         opt.step()
-        return loss, logits
+        return loss, logits, grad_norm
 
     timings["model"] = time.perf_counter() - clock
     t0 = time.perf_counter()
