@@ -17,7 +17,7 @@ from fovea.compare import COLUMNS, compare, count_flops, table
 from fovea.errors import FoveaError
 
 # Not resnet18: one epoch of 80 images at 32 px took 26 s on the shared 2-core CPU, half a minute too long.
-MODELS = ["mlp", "cnn"]
+MODELS = ["mlp", "cnn", "hog-svm", "lstm"]  # the course's comparison: fully connected, CNN, classical, recurrent
 FAST = {"epochs": 1, "image_size": 32, "pretrained": False, "progress": False}
 
 
@@ -82,7 +82,20 @@ def test_table_files_are_written(compared: tuple[Path, list[dict[str, Any]]]) ->
     assert "| model | parameters | MFLOPs/image | px |" in md
     for r in rows:
         assert f"| {r['model']} | {r['parameters']:,} |" in md
-    assert "multiply-add" in md and "Whole comparison" in md
+    assert "multiply-add" in md and "Whole comparison" in md and "handcrafted features" in md
+    from PIL import Image
+
+    assert Image.open(out / "compare.png").size[0] > 400  # accuracy against training time
+
+
+def test_classical_and_recurrent_rows(compared: tuple[Path, list[dict[str, Any]]]) -> None:
+    by = {r["model"]: r for r in compared[1]}
+    hog, lstm = by["hog-svm"], by["lstm"]
+    assert hog["error"] is None and lstm["error"] is None
+    dim = 324  # HOG at 32 px: 3 x 3 blocks of 2 x 2 cells x 9 orientations
+    assert hog["parameters"] == 2 * dim + 2 * dim + 2  # mean, spread, the linear head
+    assert hog["flops_per_image"] > 2 * dim * 2  # the head's product plus the features' estimate
+    assert lstm["parameters"] == 4 * (128 * (128 + 96) + 128) + 4 * 128 + 128 * 2 + 2
 
 
 def test_the_terminal_table_turns_when_it_does_not_fit(compared: tuple[Path, list[dict[str, Any]]]) -> None:

@@ -198,3 +198,15 @@ def test_load_weights_of_another_architecture(tmp_path: Path, case: str) -> None
     folder = save_model(tmp_path / "model", _other_weights(case), _meta())
     with pytest.raises(FoveaError, match="does not match"):
         fovea.load(folder, device="cpu")
+
+
+def test_mlp_builds_seed_003s_digit_reader() -> None:
+    """784-256-64-10 with ReLU, ReLU, sigmoid on one value per pixel of a 28 px image: the Keras model's 833,498."""
+    net = create_model("mlp", 10, image_size=28, hidden=(784, 256, 64), activations=("relu", "relu", "sigmoid"),
+                       gray=True, batch_norm=False, drop_rate=0.0)
+    assert sum(p.numel() for p in net.parameters()) == 784 * 784 + 784 + 784 * 256 + 256 + 256 * 64 + 64 + 64 * 10 + 10
+    assert isinstance(net.features[-2], torch.nn.Sigmoid)
+    x = torch.rand(2, 1, 28, 28).expand(2, 3, 28, 28)  # a gray image as the decoder gives it: three equal channels
+    assert net(x).shape == (2, 10)
+    with pytest.raises(FoveaError, match="activations"):
+        create_model("mlp", 10, image_size=28, hidden=(64,), activations=("swish",))
