@@ -100,3 +100,27 @@ def test_compress_adds_gpu_rows_with_native_half_precision(tiny_pets: Path, tmp_
     assert all(x["throughput"] > 0 and x["agreement"] >= 0.9 for x in gpu.values())
     model = fovea.load(run / "compressed" / "bf16", "cuda")
     assert next(model.net.parameters()).dtype == torch.bfloat16  # computed in bf16, not upcast
+
+
+def test_disk_batches_prefetch_onto_the_gpu(tmp_path: Path) -> None:
+    """--cache disk on a GPU: rows read on a background thread into pinned memory, copied on a side stream; every
+    image arrives once, on the GPU, with its label."""
+    import numpy as np
+
+    from fovea.data import DiskBatches
+
+    dev = torch.device("cuda")
+    images = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.arange(300) % 3
+    np.save(tmp_path / "set.npy", images.numpy())
+    mapped = torch.from_numpy(np.load(tmp_path / "set.npy", mmap_mode="c"))
+    g = torch.Generator(device=dev)
+    g.manual_seed(0)
+    b = DiskBatches(mapped, labels, 32, file=tmp_path / "set.npy", device=dev, mean=(0.0,) * 3, std=(1 / 255,) * 3,
+                    shuffle=True, generator=g)
+    got = []
+    for x, y in b:
+        assert x.device.type == "cuda" and y.device.type == "cuda"
+        got += [(xi.round().to(torch.uint8).cpu().numpy().tobytes(), int(yi)) for xi, yi in zip(x, y)]
+    want = {images[i].numpy().tobytes(): int(labels[i]) for i in range(300)}
+    assert len(got) == 300 and all(want[k] == y for k, y in got) and len({k for k, _ in got}) == 300

@@ -90,7 +90,7 @@ def out_of_fold(ds: Dataset, *, folds: int = DEFAULT_FOLDS, time_budget: float |
                 cfg.validate()
                 run = train_one(cfg, part, deadline=deadline)
                 model = load(run, cfg.device, unknown=False)
-                held = load_images(part.splits["val"], model.image_size, cache=cfg.cache, progress=False)
+                held = load_images(part.splits["val"], model.image_size, cache=cfg.keeps_cache, progress=False)
                 members.append(model.predict_proba(held.images))
                 shutil.rmtree(run, ignore_errors=True)
             probs.append(np.mean(members, axis=0))

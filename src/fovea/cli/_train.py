@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +29,9 @@ from fovea.errors import FoveaError
     "fovea train scans.csv --class-weights auto --folds 5          # imbalanced, grouped, cross-validated",
     "fovea train scans/ --sampler balanced --group-regex '^(patient\\d+)_'",
     "fovea train data/pets --seeds 5 --out runs/pets-ens           # 5 models and their ensemble",
+    "fovea train data/big --cache disk                             # a set larger than memory, read in batches",
+    "torchrun --nproc-per-node 4 -m fovea train data/big --batch-size 512   # 4 GPUs, DDP (docs/scaling.md)",
+    "fovea train data/big --nproc 2                                # the same through torchrun, on this machine",
     "fovea train data/xrays --preprocess gray,clahe                # classical steps, kept in the model",
     "fovea train data/pets --model hog-svm                         # handcrafted features + a linear SVM, in seconds",
     "fovea train data/digits --model lstm --bidirectional --clip-grad 1   # an image read row by row",
@@ -38,6 +43,7 @@ def train(
     arch: Annotated[list[str] | None, typer.Option(help="Architecture option KEY=VALUE, repeatable.")] = None,
     batch_norm: Annotated[bool | None, typer.Option("--batch-norm/--no-batch-norm", help="mlp/cnn: with or without batch norm (default with).")] = None,
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="rnn/lstm/gru: read the rows in both directions (the same as --arch bidirectional=true).")] = False,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="Train with N processes on this machine (DDP through torchrun --standalone: gloo on CPUs, NCCL on GPUs); --batch-size is the global batch. Several machines: run torchrun yourself (docs/scaling.md).")] = None,
     quiet: QuietOption = False,
     **options: Any,
 ) -> None:
@@ -45,6 +51,8 @@ def train(
     from fovea.training import run_result
     from fovea.training import train as run_train
 
+    if nproc is not None and nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _torchrun(nproc)
     setup_logging(quiet)
     if from_store:
         from fovea.review import retrain
@@ -64,6 +72,8 @@ def train(
     if bidirectional:
         extra["bidirectional"] = True
     run = run_train(data, **given(options), extra=extra, progress=not quiet, started=STARTED)
+    if os.environ.get("RANK", "0") != "0":
+        return  # torchrun: rank 0 writes the run folder and prints its result
     render.train_result(run_result(run))
 
 
@@ -201,3 +211,18 @@ def calibrate_unknown(
                           progress=not quiet)
     typer.echo(f"{run}: unknown score {entry['score']}, threshold {entry['threshold']:.4g} keeps "
                f"{entry['kept']:.1%} of {entry['calibrated_on']} known validation images (asked {keep:.0%})")
+
+
+def _torchrun(nproc: int) -> None:
+    """``fovea train … --nproc N``: the same command again under ``torchrun --standalone --nproc-per-node N``."""
+    args, skip = [], False
+    for a in sys.argv[sys.argv.index("train") + 1 :]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "fovea", "train", *args]
+    os.execv(sys.executable, cmd)

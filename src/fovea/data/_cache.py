@@ -4,6 +4,11 @@ Training then never touches a JPEG again: an epoch is a pass over a (N, 3, S, S)
 (3000 pets images at 64 px = 37 MB; at 224 px = 450 MB, which a GPU holds with ease). The disk
 entry is keyed by the files' content hashes and the size, so renaming a folder keeps the cache and
 editing one image rebuilds it. Stored as plain ``.npy`` (``allow_pickle=False``) plus a JSON index.
+
+``store="disk"`` is for sets that do not fit in memory: the same entry is decoded straight into its file in
+chunks (a killed decode resumes at the first chunk not written), and the set comes back memory-mapped, so
+``ImageSet.images`` is still a (N, 3, S, S) tensor but its pages live in the file; training reads it in
+batches (``fovea.data._disk.DiskBatches``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -36,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when decoding or resizing changes what is stored
+STORES = ("memory", "disk")
+CHUNK_BYTES = 64 << 20  # store="disk" decodes this much at a time (5 461 images at 64 px, 445 at 224 px)
 
 
 @dataclass
@@ -44,6 +52,11 @@ class ImageSet:
     labels: torch.Tensor  # (N,) int64
     paths: list[str]
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    file: Path | None = None  # store="disk": the .npy file ``images`` is mapped from (its rows are read from here)
+
+    @property
+    def on_disk(self) -> bool:
+        return self.file is not None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,6 +147,7 @@ def load_images(
     description: str = "decoding",
     write_behind: bool = False,
     preprocess: Sequence[Step] = (),
+    store: str = "memory",
 ) -> ImageSet:
     """Decode ``samples`` to a uint8 ImageSet at ``size`` x ``size``; unusable files are quarantined.
 
@@ -143,18 +157,29 @@ def load_images(
         write_behind: write the disk cache on a background thread (training starts at once; the entry
             appears atomically when written, and the interpreter waits for it before exiting).
         preprocess: ``fovea.ops`` steps applied to each image after the resize; part of the cache key.
+        store: "memory" (the images in RAM) or "disk" (decoded into the cache entry's file in chunks, resumably,
+            and memory-mapped from it: memory stays flat however many images there are).
     """
+    if store not in STORES:
+        raise FoveaError(f"unknown image store {store!r}; choose from {', '.join(STORES)}")
     workers = workers or os.cpu_count() or 1
     paths = [s.path for s in samples]
     with ThreadPoolExecutor(workers) as pool:
         hashes = list(pool.map(_hash_file, paths))
     key = _cache_key(hashes, samples, size, max_pixels, preprocess)
     folder = None if cache is False else (cache_dir() if cache is True else Path(cache))
+    if folder is None and store == "disk":
+        raise FoveaError("the disk store keeps the decoded images in the cache folder; it cannot run without one "
+                         "(drop --cache none, or use --cache memory)")
     if folder is not None:
-        hit = _read_cache(folder, key, samples)
+        hit = _read_cache(folder, key, samples, mapped=store == "disk")
         if hit is not None:
             log.info("image cache hit: %d images at %d px (%s)", len(hit), size, key)
             return hit
+    if store == "disk":
+        assert folder is not None
+        return _decode_to_disk(samples, paths, hashes, size, max_pixels, workers, progress, description, preprocess,
+                               folder, key)
     with progress_bar(len(samples), description, progress) as bar:
         task = bar.add_task(description, total=len(samples))
         arr, results = _decode_all(paths, size, max_pixels, workers, bar, task, preprocess)
@@ -192,13 +217,15 @@ def _cache_key(hashes: Sequence[str | None], samples: Sequence[Sample], size: in
     return hashlib.blake2b(f"v{CACHE_VERSION}:{size}:{max_pixels}{pre}\n{key_src}".encode(), digest_size=16).hexdigest()
 
 
-def _read_cache(folder: Path, key: str, samples: Sequence[Sample]) -> ImageSet | None:
+def _read_cache(folder: Path, key: str, samples: Sequence[Sample], mapped: bool = False) -> ImageSet | None:
+    """The entry ``key``, read whole into memory, or ``mapped`` from its file (copy-on-write: writable, as torch
+    wants, but nothing is ever written back)."""
     npy, meta = folder / f"{key}.npy", folder / f"{key}.json"
     if not (npy.exists() and meta.exists()):
         return None
     try:
         index = json.loads(meta.read_text())
-        arr = np.load(npy, allow_pickle=False)
+        arr = np.load(npy, allow_pickle=False, mmap_mode="c" if mapped else None)
     except (OSError, ValueError) as e:
         log.warning("ignoring unreadable cache entry %s: %s", npy, e)
         return None
@@ -210,7 +237,110 @@ def _read_cache(folder: Path, key: str, samples: Sequence[Sample]) -> ImageSet |
         torch.tensor([samples[i].label for i in kept], dtype=torch.int64),
         [samples[i].path for i in kept],
         [(samples[int(i)].path, r) for i, r in reasons.items()],
+        file=npy if mapped else None,
     )
+
+
+def _header(path: Path, shape: tuple[int, ...]) -> int:
+    """Create ``path`` as a .npy file of uint8 ``shape`` (sparse: no data written yet); returns where the data
+    starts."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = int(arr.offset)
+    del arr
+    return offset
+
+
+def _data_offset(path: Path) -> int:
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    offset = int(arr.offset)
+    del arr
+    return offset
+
+
+def _pwrite(fd: int, data: np.ndarray, at: int) -> None:
+    view = np.ascontiguousarray(data).data.cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+
+
+def _decode_to_disk(samples: Sequence[Sample], paths: list[str], hashes: list[str | None], size: int,
+                    max_pixels: int, workers: int, progress: bool, description: str, steps: Sequence[Step],
+                    folder: Path, key: str) -> ImageSet:
+    """Decode into the entry's file chunk by chunk; each chunk's results are recorded once its rows are written,
+    so a killed decode resumes at the first chunk not recorded. Memory holds one chunk (CHUNK_BYTES) at a time."""
+    n, row = len(paths), 3 * size * size
+    folder.mkdir(parents=True, exist_ok=True)
+    partial, done_dir = folder / f"{key}.partial.npy", folder / f"{key}.partial"
+    chunk = max(1, CHUNK_BYTES // row)
+    done: dict[int, list[list[str | None]]] = {}
+    if partial.exists() and done_dir.is_dir():
+        try:
+            offset = _data_offset(partial)
+            if partial.stat().st_size != offset + n * row:
+                raise ValueError("its size does not match")
+            for f in done_dir.glob("*.json"):
+                entry = json.loads(f.read_text())
+                if entry["chunk"] == chunk:
+                    done[int(f.stem)] = entry["results"]
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("starting the decode of %s again: its partial file is unusable (%s)", key, e)
+            done = {}
+    if not done:
+        shutil.rmtree(done_dir, ignore_errors=True)
+        done_dir.mkdir()
+        offset = _header(partial, (n, 3, size, size))
+    else:
+        log.info("resuming the decode of %d images: %d of %d chunks already on disk", n, len(done),
+                 -(-n // chunk))
+    results: list[tuple[str | None, str | None]] = []
+    fd = os.open(partial, os.O_WRONLY)
+    try:
+        with progress_bar(n, description, progress) as bar:
+            task = bar.add_task(description, total=n)
+            for c, lo in enumerate(range(0, n, chunk)):
+                hi = min(n, lo + chunk)
+                if c in done:
+                    results += [(h, r) for h, r in done[c]]
+                    bar.advance(task, hi - lo)
+                    continue
+                arr, res = _decode_all(paths[lo:hi], size, max_pixels, workers, bar, task, steps)
+                _pwrite(fd, arr, offset + lo * row)
+                os.fsync(fd)  # the rows are on disk before the chunk is recorded as done
+                tmp = done_dir / f"{c}.tmp"
+                tmp.write_text(json.dumps({"chunk": chunk, "results": res}))
+                os.replace(tmp, done_dir / f"{c}.json")
+                results += res
+                del arr
+    finally:
+        os.close(fd)
+    if [h for h, _ in results] != hashes:
+        partial.unlink(missing_ok=True)
+        shutil.rmtree(done_dir, ignore_errors=True)
+        raise FoveaError("some images changed while they were being decoded; run the command again")
+    keep = [i for i, (_, reason) in enumerate(results) if reason is None]
+    index = {"kept": keep, "quarantined": {str(i): r for i, (_, r) in enumerate(results) if r is not None}}
+    final = partial
+    if len(keep) < n:  # copy the usable rows into a file of their own, a chunk at a time
+        final = folder / f"{key}.{os.getpid()}.tmp.npy"
+        to = _header(final, (len(keep), 3, size, size))
+        src, dst = os.open(partial, os.O_RDONLY), os.open(final, os.O_WRONLY)
+        try:
+            for lo in range(0, len(keep), chunk):
+                rows = keep[lo : lo + chunk]
+                block = np.stack([np.frombuffer(os.pread(src, row, offset + i * row), np.uint8) for i in rows])
+                _pwrite(dst, block, to + lo * row)
+        finally:
+            os.close(src)
+            os.close(dst)
+        partial.unlink()
+    (folder / f"{key}.json").write_text(json.dumps(index))
+    os.replace(final, folder / f"{key}.npy")
+    shutil.rmtree(done_dir, ignore_errors=True)
+    hit = _read_cache(folder, key, samples, mapped=True)
+    if hit is None:
+        raise FoveaError(f"the image cache entry {folder / key}.npy could not be read back")
+    return hit
 
 
 def _write_cache(folder: Path, key: str, images: torch.Tensor, index: dict[str, Any]) -> None:

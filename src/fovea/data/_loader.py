@@ -141,6 +141,9 @@ class Batches:
         labels: (N,) int64.
         augment: one of AUGMENTATIONS; "none" for evaluation.
         generator: drives order and augmentation, so a seeded run is repeatable and resumable.
+        shard: (rank, world) of a distributed run: every process draws the same order (the same ``generator``
+            state) and takes its share of each global batch of ``batch_size`` images.
+        augment_generator: draws the augmentation instead of ``generator`` (a distributed run's own per process).
     """
 
     def __init__(
@@ -158,10 +161,15 @@ class Batches:
         generator: torch.Generator | None = None,
         sample_weights: torch.Tensor | None = None,
         channels_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
+        augment_generator: torch.Generator | None = None,
     ) -> None:
-        self.images = images.to(device, non_blocking=True)
+        self.images = self._place(images, device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
+        self.shard = shard
+        if batch_size % shard[1]:
+            raise ValueError(f"a global batch of {batch_size} does not split over {shard[1]} processes")
         self.device = device
         self.mean, self.std = mean, std
         self._coef = norm_coefficients(mean, std, device)
@@ -171,23 +179,36 @@ class Batches:
         self.generator = generator or torch.Generator(device=device)
         self.sample_weights = sample_weights
         self.channels_last = channels_last
+        self.augment_generator = augment_generator or self.generator
+
+    def _place(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return images.to(device, non_blocking=True)  # the whole set on the training device, once
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last and n >= self.batch_size else math.ceil(n / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _order(self) -> torch.Tensor:
         n = len(self.labels)
         if self.sample_weights is not None:
-            order = torch.multinomial(self.sample_weights.to(self.device), n, replacement=True, generator=self.generator)
-        elif self.shuffle:
-            order = torch.randperm(n, device=self.device, generator=self.generator)
-        else:
-            order = torch.arange(n, device=self.device)
+            return torch.multinomial(self.sample_weights.to(self.device), n, replacement=True, generator=self.generator)
+        if self.shuffle:
+            return torch.randperm(n, device=self.device, generator=self.generator)
+        return torch.arange(n, device=self.device)
+
+    def indices(self) -> Iterator[torch.Tensor]:
+        """This process's rows of each batch: the epoch's order cut into global batches, then its shard."""
+        order = self._order()
+        rank, world = self.shard
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = normalize(self.images[idx], self.mean, self.std, self._coef)
-            x = augment(x, self.policy, self.generator, self._norm)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield idx.tensor_split(world)[rank] if world > 1 else idx
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch on the device -> normalised and augmented."""
+        x = augment(normalize(x, self.mean, self.std, self._coef), self.policy, self.augment_generator, self._norm)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.indices():
+            yield self.prepare(self.images[idx]), self.labels[idx]

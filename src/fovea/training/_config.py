@@ -80,9 +80,18 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     resume: bool = False
-    cache: bool = True
+    cache: str = "auto"  # auto | memory | disk | none (fovea.data.STORE_CHOICES); True/False: auto/none (older runs)
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # architecture kwargs (e.g. widths)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache, bool):  # the Python API's and older train_config.json's cache=True/False
+            self.cache = "auto" if self.cache else "none"
+
+    @property
+    def keeps_cache(self) -> bool:
+        """Whether decoded images are kept in (and read from) $FOVEA_HOME/cache."""
+        return self.cache != "none"
 
     def validate(self) -> None:
         from fovea.data import AUGMENTATIONS  # with the loader, which needs torch: not at import
@@ -157,6 +166,8 @@ class TrainConfig:
                 parse_steps(self.preprocess)
             except FoveaError as e:
                 raise FoveaError(f"--preprocess {self.preprocess!r}: {e}") from e
+        if self.cache not in ("auto", "memory", "disk", "none"):
+            bad("cache", self.cache, ("auto", "memory", "disk", "none"))
         if self.monitor not in ("val_acc", "val_loss", "last"):
             bad("monitor", self.monitor, ("val_acc", "val_loss", "last"))
         if self.time is not None and not 0 < self.time <= 30 * 86400:
@@ -251,7 +262,9 @@ OPTIONS: dict[str, Option] = {
     "seed": Option("Seed: same seed, same run (on CPU)."),
     "out": Option("Run folder (default runs/DATA-MODEL-TIME)."),
     "resume": Option("Continue the run in --out from its last checkpoint.", ("--resume",)),
-    "cache": Option("Reuse decoded images from $FOVEA_HOME/cache.", ("--cache/--no-cache",)),
+    "cache": Option("Where the decoded images live: auto (in memory if they fit in half the free memory, else "
+                    "disk), memory, disk (read from $FOVEA_HOME/cache in batches: memory stays flat), none (in "
+                    "memory, no cache entry kept).", metavar="auto|memory|disk|none"),
 }
 
 

@@ -44,6 +44,8 @@ class Fit:
     val_features: torch.Tensor | None = None  # features mode: the val set's embeddings
     lr_fn: Any = None  # (step, total steps) -> learning rate; None: the configured schedule over the whole run
     val_seconds: float = 0.0  # the last per-epoch validation pass (a time budget plans with it)
+    main: bool = True  # rank 0 of a distributed run (or the only process): it evaluates and writes
+    world: int = 1  # processes training together; each sees 1 / world of every batch
 
     def fire(self, event: str) -> None:
         for cb in self.callbacks:

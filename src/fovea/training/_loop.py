@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from fovea._system import cpu_has_bf16
-from fovea.data import Batches, Dataset, corrected, discover, load_images
+from fovea.data import Batches, Dataset, DiskBatches, choose_store, corrected, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import check_input_size, create_model, default_config, source_of
 from fovea.models.backbone import fold_probe, load_weights, read_weights
@@ -25,6 +25,7 @@ from fovea.runtime import autocast, pick_device
 from fovea.training._callbacks import BestTracker, Checkpointer, CSVLogger, ProgressBar, TimeBudget
 from fovea.training._checkpoint import has_checkpoint, load_checkpoint
 from fovea.training._config import TrainConfig, preprocess_steps, resolve
+from fovea.training._ddp import Distributed, barrier, device_of, join, share
 from fovea.training._finish import finish
 from fovea.training._fit import Callback, Fit
 from fovea.training._modes import (
@@ -103,16 +104,17 @@ def run_epoch(fit: Fit, step_fn: Any) -> None:
     if fit.device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - fit.epoch_start
-    logits = fit.val_logits()
+    logits = fit.val_logits() if fit.main else torch.zeros(0, 0)  # rank 0 alone evaluates
     fit.val_seconds = time.perf_counter() - fit.epoch_start - train_seconds
-    val_loss = F.cross_entropy(logits, fit.val.labels).item() if len(fit.val) else float("nan")
-    val_acc = (logits.argmax(1) == fit.val.labels).float().mean().item() if len(fit.val) else float("nan")
+    evaluated = bool(len(fit.val)) and fit.main
+    val_loss = F.cross_entropy(logits, fit.val.labels).item() if evaluated else float("nan")
+    val_acc = (logits.argmax(1) == fit.val.labels).float().mean().item() if evaluated else float("nan")
     fit.history.append({
         "epoch": fit.epoch + 1, "lr": lr_of(fit.step - 1, fit.total_steps()),
         "train_loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1),
         "val_loss": val_loss, "val_acc": val_acc,
         "grad_norm": float(norm_sum) / max(steps, 1), "grad_norm_max": float(norm_max),
-        "images_per_s": seen / max(train_seconds, 1e-9), "seconds": time.perf_counter() - fit.epoch_start,
+        "images_per_s": seen * fit.world / max(train_seconds, 1e-9), "seconds": time.perf_counter() - fit.epoch_start,
     })
     fit.fire("after_epoch")
 
@@ -185,6 +187,8 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
             cfg.epochs = epochs
     elif run.exists() and any(run.iterdir()):
         raise FoveaError(f"{run} already exists and is not empty; choose another --out or add --resume")
+    group = join(cfg.device)  # torchrun's processes (a plain run: rank 0 of 1)
+    barrier(group)  # every process has checked the run folder before rank 0 writes to it
 
     weights_state, weights_meta = (None, None)
     if cfg.weights:  # also on --resume: a features run's checkpoint holds only the probe, not the backbone
@@ -194,7 +198,7 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
-    device = pick_device(cfg.device)
+    device = device_of(group, pick_device(cfg.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # batch shapes are fixed (drop_last): pick the fastest kernels once
     torch.manual_seed(cfg.seed)
@@ -208,6 +212,13 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
                            native_size=int(native["input_size"]), cpu_bf16=cpu_has_bf16())
         for k, v in why.items():
             log.info("%s: %s", k, v)
+    if group.active:
+        if int(cfg.batch_size or 0) % group.world:
+            raise FoveaError(f"--batch-size {cfg.batch_size} is the global batch: it must split evenly over the "
+                             f"{group.world} processes")
+        log.info("distributed: %d processes (%s); global batch %d = %d x %d per process; learning rate %g, set for "
+                 "the global batch", group.world, group.backend, cfg.batch_size, group.world,
+                 int(cfg.batch_size or 0) // group.world, cfg.lr)
     size = int(cfg.image_size or 64)
     steps = preprocess_steps(cfg)
     # The network before the images: a bad --arch, weights that cannot be fetched or a size too small for the
@@ -215,11 +226,19 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
     model, arch_kwargs = build_model(cfg, len(ds.classes), size)
     timings["setup"] = time.perf_counter() - clock
     clock = time.perf_counter()
+    n_images = len(ds.splits["train"]) + len(ds.splits["val"])
+    store, store_why = share(group, choose_store(cfg.cache, n_images, size, device, copies=group.local_world))
+    log.info("images: %s", store_why)
+    # Distributed: each machine's first process decodes and writes the cache entry; the others then read it.
+    if group.local_rank != 0:
+        barrier(group)
+    decode = {"cache": cfg.keeps_cache, "progress": cfg.progress and group.main, "write_behind": not group.active,
+              "preprocess": steps, "store": store}
     # val first, so the larger train entry is the one written to the disk cache while training runs.
-    val_set = load_images(ds.splits["val"], size, cache=cfg.cache, progress=cfg.progress, description="decoding val",
-                          write_behind=True, preprocess=steps)
-    train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress, description="decoding train",
-                            write_behind=True, preprocess=steps)
+    val_set = load_images(ds.splits["val"], size, description="decoding val", **decode)
+    train_set = load_images(ds.splits["train"], size, description="decoding train", **decode)
+    if group.local_rank == 0:
+        barrier(group)
     quarantined = [{"path": p, "reason": r, "split": s}
                    for s, st in (("train", train_set), ("val", val_set)) for p, r in st.quarantined]
     quarantined += [{"path": p, "reason": r, "split": "csv"} for p, r in ds.missing]
@@ -262,7 +281,7 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
     generator.manual_seed(cfg.seed)
     run.mkdir(parents=True, exist_ok=True)
     callbacks: list[Callback] = [BestTracker(cfg.monitor, cfg.patience), Checkpointer(),
-                                 CSVLogger(run / "history.csv"), ProgressBar(cfg.progress)]
+                                 CSVLogger(run / "history.csv"), ProgressBar(cfg.progress)] if group.main else []
     epochs = int(cfg.epochs or 1)
     counts = torch.bincount(train_set.labels, minlength=len(ds.classes)).float()
     # Imbalance: a loss weighted by n / (classes x n_c) (every class weighs the same in total), or a
@@ -280,7 +299,7 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
         for p in model.parameters():
             p.requires_grad_(False)
         fkw: dict[str, Any] = {"mean": mean, "std": std, "device": device, "amp": bool(cfg.amp),
-                               "channels_last": bool(cfg.channels_last), "cache": bool(cfg.cache)}
+                               "channels_last": bool(cfg.channels_last), "cache": cfg.keeps_cache}
         t_feat = time.perf_counter()
         train_feats = features(model, train_set.images, **fkw)
         mu, sigma = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
@@ -295,9 +314,17 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
         opt = make_optimizer(cfg.optimizer, trained, cfg.lr, float(cfg.weight_decay or 0.0))
         transfer["embedding_dim"] = int(train_feats.shape[1])
     else:
-        batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), device=device, mean=mean,
-                          std=std, augment=str(cfg.augment), shuffle=True, drop_last=True, generator=generator,
-                          channels_last=bool(cfg.channels_last), sample_weights=sample_weights)
+        # Distributed: the same order on every process (``generator``), its own augmentation draws.
+        augment_generator = torch.Generator(device=device) if group.active else None
+        bkw: dict[str, Any] = {"device": device, "mean": mean, "std": std, "augment": str(cfg.augment), "shuffle": True,
+                               "drop_last": True, "generator": generator, "channels_last": bool(cfg.channels_last),
+                               "sample_weights": sample_weights, "shard": (group.rank, group.world),
+                               "augment_generator": augment_generator}
+        if train_set.file is not None:
+            batches = DiskBatches(train_set.images, train_set.labels, int(cfg.batch_size or 128), file=train_set.file,
+                                  **bkw)
+        else:
+            batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), **bkw)
         if cfg.mode == "finetune":
             freeze = float(cfg.freeze or 0.0)
             groups, body, frozen_norms = finetune_param_groups(model, freeze, float(cfg.weight_decay or 0.0))
@@ -312,7 +339,8 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
         else:
             opt = make_optimizer(cfg.optimizer, model, cfg.lr, float(cfg.weight_decay or 0.0))
     fit = Fit(cfg, run, trained, opt, batches, val_set, device, generator, callbacks, steps_per_epoch=len(batches),
-              val_images=val_set.images.to(device), val_features=val_features, lr_fn=lr_fn)
+              val_images=val_set.images if val_set.on_disk else val_set.images.to(device), val_features=val_features,
+              lr_fn=lr_fn, main=group.main, world=group.world)
     if cfg.resume:
         try:
             state, fit.best_state = load_checkpoint(run, model=trained, optimizer=opt, generator=generator)
@@ -323,8 +351,14 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
         fit.epoch, fit.step, fit.history = state["epoch"], state["step"], state["history"]
         fit.best_score, fit.best_epoch = state["best_score"], state["best_epoch"]
         log.info("resuming %s at epoch %d of %d", run, fit.epoch, cfg.epochs)
+    if group.active:
+        torch.manual_seed(cfg.seed + 7919 * group.rank)  # dropout: each process its own draws
+        if cfg.mode != "features":
+            batches.augment_generator.manual_seed(cfg.seed + 1_000_003 * (group.rank + 1) + fit.epoch)
 
     def save_config(fit: Fit | None = None) -> None:  # what --resume reads back, with the epochs planned so far
+        if not group.main:
+            return
         tmp = run / "train_config.json.tmp"
         tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
         tmp.replace(run / "train_config.json")
@@ -332,7 +366,7 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
     save_config()
     if deadline is None and cfg.time is not None and not cfg.resume:
         deadline = started + cfg.time
-    if deadline is not None and not cfg.resume:
+    if deadline is not None and not cfg.resume and group.main:
         embed_per_image = timings.get("embed", 0.0) / max(len(train_set) + len(val_set), 1)
 
         def finish_seconds(fit: Fit, fwd_per_image: float) -> float:
@@ -352,7 +386,17 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
     elif cfg.resume and cfg.time is not None:
         log.info("resuming the %d epochs the time budget planned", cfg.epochs)
 
-    net: Any = torch.compile(trained) if cfg.compile else trained
+    spread = Distributed(group, trained, device) if group.active else None
+    if spread is not None:
+        callbacks.append(spread)  # last: it hands rank 0's decisions to the others
+        if cfg.mode == "features":
+            log.info("--mode features trains a linear head on cached embeddings: each process trains it whole")
+    if cfg.compile and spread is not None:
+        log.warning("--compile is off under torchrun (DistributedDataParallel re-wraps the model when it unfreezes)")
+    plain: Any = torch.compile(trained) if cfg.compile and spread is None else trained
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return (spread.net if spread is not None else plain)(x)
     mixer = None
     if (cfg.mixup or cfg.cutmix) and cfg.mode != "features":
         from timm.data import Mixup
@@ -397,6 +441,8 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
         fit.epoch += 1
     fit.fire("after_fit")
     timings["train"] = time.perf_counter() - t0
+    if not group.main:
+        return run  # rank 0 writes the artifact and the report
     for cb in callbacks:
         if isinstance(cb, Checkpointer):
             timings.update(cb.seconds)  # how much of "train" the checkpoints held the training thread

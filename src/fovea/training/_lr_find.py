@@ -247,7 +247,7 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
         log.warning("lr-find does not apply %s: the curve is for plain cross-entropy", ", ".join(extras))
     transfer = bool(cfg.weights or cfg.pretrained)
     size = int(cfg.image_size or 64)
-    train_set = load_images(ds.splits["train"], size, cache=cfg.cache, progress=cfg.progress,
+    train_set = load_images(ds.splits["train"], size, cache=cfg.keeps_cache, progress=cfg.progress,
                             description="decoding train", preprocess=preprocess_steps(cfg))
     for p, r in train_set.quarantined:
         log.warning("quarantined %s: %s", p, r)

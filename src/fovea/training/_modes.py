@@ -203,7 +203,8 @@ def features(model: nn.Module, images: torch.Tensor, *, mean: tuple[float, ...],
                          f"not {type(model).__name__}; use --mode finetune")
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{_weights_digest(model)}:{mean}:{std}:{images.shape}".encode())
-    h.update(images.contiguous().numpy().tobytes())
+    for i in range(0, len(images), 4096):  # in slices: a disk-backed set is never read whole into memory
+        h.update(images[i : i + 4096].contiguous().numpy().tobytes())
     path = cache_dir() / "features" / f"{h.hexdigest()}.npy"
     if cache and path.exists():
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ def train(data: str | Path, *, started: float | None = None, **kwargs: Any) -> P
     cfg = TrainConfig(data=str(data), **kwargs)
     cfg.validate()
     start = time.time() if started is None else started
+    if (cfg.folds or cfg.seeds > 1) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FoveaError("--folds and --seeds train one model after another; under torchrun, train each run with its "
+                         "own --seed and --out (one distributed run at a time)")
     if cfg.folds or cfg.seeds > 1:
         out = Path(cfg.out) if cfg.out else default_out(cfg)
         if out.exists() and any(out.iterdir()):
@@ -100,7 +104,7 @@ def _train_seeds(cfg: TrainConfig, ds: Dataset, out: Path, start: float) -> Path
                            deadline=_share(cfg, start, cfg.seeds - i)))
     make_ensemble(runs, out, progress=cfg.progress)
     # The ensemble on the members' own validation split (one split for all: only the seeds differ).
-    val = load_images(ds.splits["val"], load(out, cfg.device, unknown=False).image_size, cache=cfg.cache,
+    val = load_images(ds.splits["val"], load(out, cfg.device, unknown=False).image_size, cache=cfg.keeps_cache,
                       progress=False)
     if cfg.unknown_keep > 0 and len(val) >= 20 and all(load(r, "cpu").answers_unknown for r in runs):
         from fovea.runtime import calibrate_ensemble
