@@ -47,7 +47,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[
         "balanced_accuracy": bal,
         "f1_macro": float(np.mean(f)) if n_classes else 0.0,
         "roc_auc": auc,
-        "log_loss": float(skm.log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)) if len(y_true) else None,
+        "log_loss": float(skm.log_loss(y_true, _clipped(probs), labels=labels)) if len(y_true) else None,
         "n_images": int(len(y_true)),
         "classes": list(classes),
         "confusion_matrix": cm.tolist(),
@@ -68,3 +68,10 @@ def accuracy_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, flo
     centre = (phat + z * z / (2 * n)) / denom
     half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
     return (float(centre - half), float(centre + half))
+
+
+def _clipped(probs: np.ndarray) -> np.ndarray:
+    """Probabilities kept off 0 (a log loss of saturated predictions stays finite) and summing to 1 again, in float64:
+    scikit-learn warns on rows that do not (naive Bayes' probabilities are 0 or 1 to float32 precision)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-7, 1)
+    return p / p.sum(1, keepdims=True)
