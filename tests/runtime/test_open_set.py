@@ -155,3 +155,26 @@ def test_an_ensemble_of_models_with_scores_answers_unknown(run: Path, tiny_pets:
     model = fovea.load(out, "cpu")
     preds, _ = model.predict(sorted((tiny_pets / "val" / "cat").glob("*.jpg"))[:3])
     assert model.answers_unknown and all(p.unknown_score is not None for p in preds)
+
+
+def test_whole_set_passes_run_in_blocks_with_the_same_answers(run: Path, tiny_pets: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation and fitting the score pass over a set in blocks (the image and its mirror concatenated per block,
+    so a disk-backed set of any size is never held twice over): block by block gives what one pass gives."""
+    import fovea.runtime._predictor as predictor_mod
+    from fovea.data import Sample, load_images
+
+    model = fovea.load(run, "cpu")
+    files = sorted((tiny_pets / "val").rglob("*.jpg"))
+    images = load_images([Sample(str(f), 0) for f in files], model.image_size, cache=False, progress=False).images
+    whole, inputs, logits = model.outputs(images, embed=True), model.score_inputs(images), model.logits(images)
+    monkeypatch.setattr(predictor_mod, "BLOCK_BYTES", images[0].numel() * 7)  # blocks of 7 images
+    assert len(predictor_mod.blocks(images)) == 6
+    parts = model.outputs(images, embed=True)
+    assert whole.unknown_scores is not None and parts.unknown_scores is not None and whole.embeddings is not None
+    assert np.allclose(parts.probabilities, whole.probabilities, atol=1e-6)
+    assert np.allclose(parts.unknown_scores, whole.unknown_scores, atol=1e-3)  # bf16 kernels vary with the batch
+    assert np.allclose(parts.embeddings, whole.embeddings, atol=1e-5)  # type: ignore[arg-type]
+    again = model.score_inputs(images)
+    assert all(np.allclose(again[k], v, atol=1e-5) for k, v in inputs.items() if v is not None)
+    assert np.allclose(model.logits(images).numpy(), logits.numpy(), atol=1e-5)

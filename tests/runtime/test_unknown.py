@@ -330,3 +330,20 @@ def test_load_unknown_refuses_a_damaged_or_foreign_entry(tmp_path) -> None:
     (tmp_path / UNKNOWN_FILE).unlink()
     with pytest.raises(FoveaError, match="cannot read"):
         load_unknown(tmp_path, entry)
+
+
+def test_knn_keeps_a_bounded_bank_and_scores_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past KNN_MAX_BANK training images the bank is a seeded subset (memory and per-image cost stop growing with
+    the data), and queries are scored in blocks with the same answers as all at once."""
+    import fovea.runtime.unknown as unknown_mod
+
+    monkeypatch.setattr(unknown_mod, "KNN_MAX_BANK", 500)
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(2000, 16)).astype(np.float32)
+    score = unknown_mod.create_score("knn", k=5)
+    score.fit(embeddings=train, logits=np.zeros((2000, 2)), labels=np.zeros(2000, int))
+    assert score.arrays()["bank"].shape == (500, 16)
+    queries = rng.normal(size=(300, 16)).astype(np.float32)
+    whole = score(embeddings=queries, logits=np.zeros((300, 2)))
+    monkeypatch.setattr(unknown_mod, "KNN_BLOCK", 500 * 7)  # 7 queries a block
+    assert np.allclose(score(embeddings=queries, logits=np.zeros((300, 2))), whole, rtol=1e-6)  # float32 dots

@@ -13,6 +13,7 @@ batches (``fovea.data._disk.DiskBatches``).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
@@ -178,8 +179,12 @@ def load_images(
             return hit
     if store == "disk":
         assert folder is not None
-        return _decode_to_disk(samples, paths, hashes, size, max_pixels, workers, progress, description, preprocess,
-                               folder, key)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{key}.lock", "w") as lock:  # two runs on one set: one decodes, the other waits for it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            hit = _read_cache(folder, key, samples, mapped=True)
+            return hit if hit is not None else _decode_to_disk(samples, paths, hashes, size, max_pixels, workers,
+                                                               progress, description, preprocess, folder, key)
     with progress_bar(len(samples), description, progress) as bar:
         task = bar.add_task(description, total=len(samples))
         arr, results = _decode_all(paths, size, max_pixels, workers, bar, task, preprocess)

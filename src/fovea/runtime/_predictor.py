@@ -17,6 +17,15 @@ from fovea.errors import FoveaError, ImageError
 
 log = logging.getLogger("fovea.runtime")
 UNKNOWN = "unknown"  # the answer for an image of none of the model's classes
+# Whole-set passes (evaluation, fitting the unknown score) run over blocks of at most this many bytes of pixels: the
+# image and its mirror are concatenated per block, so memory stays flat for a set of any size (a disk-backed one).
+BLOCK_BYTES = 256 << 20
+
+
+def blocks(images: torch.Tensor) -> list[torch.Tensor]:
+    """``images`` (N, 3, S, S) cut into consecutive blocks of at most BLOCK_BYTES (one block when small)."""
+    rows = max(1, BLOCK_BYTES // max(1, images[0].numel() * images.element_size())) if len(images) else 1
+    return [images[i : i + rows] for i in range(0, len(images), rows)] or [images]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -236,6 +245,10 @@ class Network(Predictor):
         (N, D) or None, and where ``score`` asks for them, "images" (the prepared uint8 pixels (N, 3, S, S), the
         image itself not its mirror) and "stages" (per-channel mean and spread of each feature stage, (N, F),
         None where the runtime exposes none). Views are averaged over the mirror with ``tta``."""
+        parts = blocks(images)
+        if len(parts) > 1:
+            done = [self.score_inputs(b, tta=tta, score=score) for b in parts]
+            return {k: None if done[0][k] is None else np.concatenate([d[k] for d in done]) for k in done[0]}
         tta = self.tta if tta is None else tta
         x = self.prepare(images)
         want_stages = bool(getattr(score, "uses_stages", False))
@@ -270,6 +283,13 @@ class Network(Predictor):
         if len(images) == 0:
             return Outputs(np.zeros((0, c), np.float32), np.zeros((0, 0), np.float32) if embed else None,
                            np.zeros(0) if self.score is not None else None)
+        parts = blocks(images)
+        if len(parts) > 1:
+            done = [self.outputs(b, embed=embed) for b in parts]
+            embs = [d.embeddings for d in done if d.embeddings is not None]
+            scored_parts = [d.unknown_scores for d in done if d.unknown_scores is not None]
+            return Outputs(np.concatenate([d.probabilities for d in done]), np.concatenate(embs) if embs else None,
+                           np.concatenate(scored_parts) if scored_parts else None)
         scored = self.score is not None
         if not scored and not embed:
             return Outputs(self.predict_proba(images))
@@ -287,6 +307,9 @@ class Network(Predictor):
         With test-time augmentation recorded in the artifact, the mean of the log-probabilities of the image
         and its mirror (the same as training's final evaluation).
         """
+        parts = blocks(images)
+        if len(parts) > 1:
+            return torch.cat([self.logits(b) for b in parts])
         x = self.prepare(images)
         if not self.tta:
             return self.forward(x)

@@ -77,6 +77,8 @@ from fovea.errors import FoveaError
 UNKNOWN_FILE = "unknown.safetensors"
 DEFAULT_KEEP = 0.95
 DEFAULT_SCORE = "combined"  # k-NN (power 0.5) + Mahalanobis (normalised): see the docstring
+KNN_MAX_BANK = 10_000  # k-NN keeps at most this many training embeddings (a seeded random subset past it)
+KNN_BLOCK = 1 << 22  # k-NN scores queries in blocks of at most this many distances (32 MB in float64)
 
 SCORES: dict[str, type[Score]] = {}
 _S = TypeVar("_S", bound="type[Score]")
@@ -396,6 +398,10 @@ class KNN(Score):
         z = self._z(embeddings, len(labels))
         if len(z) < self.k:
             raise FoveaError(f"knn: k = {self.k} but only {len(z)} training images")
+        if len(z) > KNN_MAX_BANK:
+            # A random subset past KNN_MAX_BANK (Sun et al. 2022 keep 1 % of ImageNet at no loss): the search, the
+            # artifact and the per-image cost stop growing with the data; the threshold is calibrated on this bank.
+            z = z[np.sort(np.random.default_rng(0).choice(len(z), KNN_MAX_BANK, replace=False))]
         self._set_bank(z.astype(np.float32))
 
     def _set_bank(self, bank: np.ndarray) -> None:
@@ -411,11 +417,15 @@ class KNN(Score):
             raise RuntimeError("fit the score first")
         z = self._z(embeddings, len(logits))
         bank_t, bank_sq = self._search
-        # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b; clipped at 0 against rounding
-        dots = (torch.from_numpy(np.ascontiguousarray(z, np.float32)) @ bank_t).numpy().astype(np.float64)
-        d2 = (z**2).sum(1)[:, None] + bank_sq[None, :] - 2 * dots
-        kth = np.partition(d2, self.k - 1, axis=1)[:, self.k - 1]
-        return np.sqrt(np.maximum(kth, 0.0))
+        rows = max(1, KNN_BLOCK // max(len(bank_sq), 1))  # queries per block: memory stays flat for any N
+        out = np.empty(len(z))
+        for i in range(0, len(z), rows):
+            q = z[i : i + rows]
+            # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b; clipped at 0 against rounding
+            dots = (torch.from_numpy(np.ascontiguousarray(q, np.float32)) @ bank_t).numpy().astype(np.float64)
+            d2 = (q**2).sum(1)[:, None] + bank_sq[None, :] - 2 * dots
+            out[i : i + rows] = np.partition(d2, self.k - 1, axis=1)[:, self.k - 1]
+        return np.sqrt(np.maximum(out, 0.0))
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self.bank is None:
