@@ -217,3 +217,10 @@ def test_other_classical_models_train_and_load(name: str, tiny_pets: Path, tmp_p
     p = fovea.load(run, "cpu").predict_proba(fovea.load(run, "cpu").load_images(
         sorted((tiny_pets / "val" / "cat").glob("*.jpg"))[:2])[0])
     assert p.shape == (2, 2) and np.allclose(p.sum(1), 1, atol=1e-5)
+
+
+def test_lr_find_refuses_a_classical_model(tiny_pets: Path) -> None:
+    from fovea.training import lr_find
+
+    with pytest.raises(FoveaError, match="no learning rate"):
+        lr_find(tiny_pets, model="hog-svm", progress=False)

@@ -26,6 +26,7 @@ from torch import nn
 from fovea.data import ImageSet
 from fovea.errors import FoveaError
 from fovea.models import create_model
+from fovea.training._callbacks import HISTORY_FIELDS
 from fovea.training._config import TrainConfig
 from fovea.training._finish import finish
 
@@ -35,7 +36,6 @@ C_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # pets: the best C of a linear SVM on H
 K_GRID = (1, 5, 15, 31)
 NB_SMOOTHING = (1e-9, 1e-3, 1e-2, 1e-1, 1.0)
 CV_FOLDS = 3
-HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "seconds")
 
 
 @dataclass
@@ -199,6 +199,6 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
 
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(HISTORY_FIELDS), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

@@ -227,6 +227,9 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
     cfg.model = cfg.model or "cnn"
     source = source_of(cfg.model)  # a misspelt --model fails here, before any image is decoded
     native = default_config(cfg.model)
+    if native.get("kind") == "classical":
+        raise FoveaError(f"{cfg.model} has no learning rate: a classical model is fitted in one pass by scikit-learn "
+                         "(its C or k chosen by cross-validation); train it with fovea train")
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
