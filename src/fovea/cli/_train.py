@@ -140,7 +140,7 @@ def compare(
         if r.get("error"):
             con.print(f"[red]{escape(r['model'])} failed:[/] {escape(r['error'])}", highlight=False)
     con.print(f"whole command: {time.perf_counter() - start:.1f} s\n"
-              f"table: {root / 'compare.md'} (also compare.csv, compare.json)\n"
+              f"table: {root / 'compare.md'} (also compare.csv, compare.json; compare.png: accuracy against training time)\n"
               f"runs:  {root}/MODEL", highlight=False)
     if all(r.get("error") for r in rows):
         raise typer.Exit(1)
