@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -248,3 +249,114 @@ def test_a_class_with_no_usable_image_is_named_not_called_imbalance(tmp_path: Pa
     r = check(tmp_path / "d", val_fraction=0.3, progress=False)
     assert any("train: class(es) with no usable image (dog)" in tip for tip in r["advice"])
     assert all("imbalanced" not in tip for tip in r["advice"])
+
+
+# ------------------------------------------------------------------------------- near duplicates at scale
+
+
+def all_pairs(hashes: np.ndarray, threshold: int) -> list[tuple[int, int, int]]:
+    """The reference: every pair's Hamming distance, by brute force."""
+    dist = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    i, j = np.nonzero(np.triu(dist <= threshold, k=1))
+    return list(zip(i.tolist(), j.tolist(), dist[i, j].tolist()))
+
+
+def planted(n: int, seed: int, *, skew: bool = False, flips: int = 10) -> np.ndarray:
+    """Random 64-bit hashes, a tenth of them copies of others with 0 to ``flips`` bits flipped; ``skew``: only
+    24 bits ever set, so chunks share values and buckets are large (as in hashes of similar images)."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**64, n, dtype=np.uint64)
+    if skew:
+        h &= np.uint64(0x00FF_0000_FF00_00FF)
+    k = n // 10
+    src, dst = rng.integers(0, n, k), rng.integers(0, n, k)
+    masks = np.zeros(k, np.uint64)
+    for f, bit in enumerate(rng.integers(0, 64, (flips, k)).astype(np.uint64)):
+        masks ^= np.where(rng.integers(0, flips + 1, k) > f, np.uint64(1) << bit, np.uint64(0))
+    h[dst] = h[src] ^ masks
+    return h
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["uniform", "skewed"])
+@pytest.mark.parametrize("threshold", [-1, 0, 1, 2, 4, 8, 13, 20, 63, 64])
+def test_near_pairs_equal_brute_force(threshold: int, skew: bool) -> None:
+    from fovea.data._check import _near_pairs
+
+    h = planted(1500, seed=threshold + 1, skew=skew)
+    pairs = _near_pairs(h, threshold)
+    assert pairs.shape[1] == 3 and pairs.dtype == np.int64
+    assert [tuple(p) for p in pairs.tolist()] == all_pairs(h, threshold)  # same pairs, distances and order
+
+
+def test_near_pairs_edge_cases() -> None:
+    from fovea.data._check import _near_pairs
+
+    assert _near_pairs(np.zeros(0, np.uint64), 4).shape == (0, 3)
+    assert _near_pairs(np.array([7], np.uint64), 4).shape == (0, 3)
+    same = np.full(5, 2**64 - 1, np.uint64)  # one bucket in every chunk
+    assert [tuple(p) for p in _near_pairs(same, 0).tolist()] == all_pairs(same, 0)
+    assert len(_near_pairs(same, 0)) == 10
+
+
+def test_near_pairs_at_scale_finds_the_planted_pairs() -> None:
+    """200 000 hashes (no time asserted: comparing every pair would be 2e10 comparisons): each of 2000 planted
+    copies with 0 to 4 bits flipped is found, at its distance, and nothing else (random 64-bit hashes lie within
+    4 bits of each other with probability 4e-14 per pair)."""
+    from fovea.data._check import _near_pairs
+
+    rng = np.random.default_rng(0)
+    n, k = 200_000, 2000
+    h = rng.integers(0, 2**64, n, dtype=np.uint64)
+    want = set()
+    for c in range(k):
+        i, j = c, n - 1 - c  # disjoint
+        bits = rng.choice(64, size=c % 5, replace=False)
+        h[j] = h[i] ^ np.uint64(sum(1 << int(b) for b in bits))
+        want.add((i, j, c % 5))
+    assert {tuple(p) for p in _near_pairs(h, 4).tolist()} == want
+
+
+def test_groups_are_connected_components() -> None:
+    from fovea.data._check import _groups
+
+    pairs = np.array([[5, 7, 1], [0, 1, 0], [1, 2, 3], [2, 0, 4]])
+    assert _groups(pairs, 9) == [[0, 1, 2], [5, 7]]
+    assert _groups(np.zeros((0, 3), np.int64), 9) == []
+
+
+def test_inspection_in_processes_gives_the_same_report(messy: Path, report: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large data sets are inspected in forked processes (small ones in threads): the same report either way."""
+    import concurrent.futures
+
+    import fovea.data._check as check_module
+
+    if threading.active_count() > 1:
+        pytest.skip("another test left a thread running: the check stays in threads rather than fork")
+    made: list[str] = []
+
+    class Spy(concurrent.futures.ProcessPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(kwargs["mp_context"].get_start_method())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(check_module, "_PROCESSES_FROM", 0)
+    monkeypatch.setattr(check_module, "_CHUNK", 3)  # several tasks, results kept in order
+    monkeypatch.setattr(check_module, "ProcessPoolExecutor", Spy)
+    assert check(messy, progress=False) == report
+    assert made == (["fork"] if (os.cpu_count() or 1) > 1 else [])
+
+
+def die(paths: list[str], max_pixels: int) -> list[dict[str, Any]]:
+    os._exit(3)  # as a file that crashes the image library would
+
+
+def test_a_dying_checking_process_is_a_fovea_error(messy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fovea.data._check as check_module
+
+    if threading.active_count() > 1 or (os.cpu_count() or 1) < 2:
+        pytest.skip("the check runs in threads here")
+    monkeypatch.setattr(check_module, "_PROCESSES_FROM", 0)
+    monkeypatch.setattr(check_module, "_inspect_many", die)
+    with pytest.raises(FoveaError, match="checking process died"):
+        check(messy, progress=False)
