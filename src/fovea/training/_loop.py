@@ -256,6 +256,9 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
     if native.get("kind") == "classical":  # handcrafted features + scikit-learn: fitted in one pass, no loop
         from fovea.training._classical import train_classical
 
+        if not group.main:
+            return run  # one fit, by rank 0: there are no gradients to share
+
         return train_classical(cfg, run, ds, train_set, val_set, quarantined, arch_kwargs, native, timings, device)
     mean, std = tuple(native["mean"]), tuple(native["std"])
     if weights_meta is not None:  # a Fovea backbone: normalise as it was trained
