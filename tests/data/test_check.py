@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -324,39 +323,45 @@ def test_groups_are_connected_components() -> None:
     assert _groups(np.zeros((0, 3), np.int64), 9) == []
 
 
-def test_inspection_in_processes_gives_the_same_report(messy: Path, report: dict[str, Any],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+# The check forks only from a process with one thread (forking a threaded process can deadlock), and a test run
+# has threads left by other tests: these two run the check in a fresh interpreter, as the CLI does.
+_IN_A_FRESH_PROCESS = """
+import concurrent.futures, json, os, sys
+import fovea.data._check as m
+from fovea.errors import FoveaError
+os.cpu_count = lambda: 2  # two workers even on a one-core machine
+m._PROCESSES_FROM, m._CHUNK = 0, 3  # processes for any size; several tasks, results kept in order
+made = []
+class Spy(concurrent.futures.ProcessPoolExecutor):
+    def __init__(self, *a, **k):
+        made.append(k["mp_context"].get_start_method())
+        super().__init__(*a, **k)
+m.ProcessPoolExecutor = Spy
+if sys.argv[2] == "die":
+    def die(paths, max_pixels):
+        os._exit(3)  # as a file that crashes the image library would
+    m._inspect_many = die
+try:
+    print(json.dumps({"report": m.check(sys.argv[1], progress=False), "made": made}))
+except FoveaError as e:
+    print(json.dumps({"error": str(e), "made": made}))
+"""
+
+
+def _check_in_a_fresh_process(data: Path, mode: str) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-c", _IN_A_FRESH_PROCESS, str(data), mode], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_inspection_in_processes_gives_the_same_report(messy: Path, report: dict[str, Any]) -> None:
     """Large data sets are inspected in forked processes (small ones in threads): the same report either way."""
-    import concurrent.futures
-
-    import fovea.data._check as check_module
-
-    if threading.active_count() > 1:
-        pytest.skip("another test left a thread running: the check stays in threads rather than fork")
-    made: list[str] = []
-
-    class Spy(concurrent.futures.ProcessPoolExecutor):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            made.append(kwargs["mp_context"].get_start_method())
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(check_module, "_PROCESSES_FROM", 0)
-    monkeypatch.setattr(check_module, "_CHUNK", 3)  # several tasks, results kept in order
-    monkeypatch.setattr(check_module, "ProcessPoolExecutor", Spy)
-    assert check(messy, progress=False) == report
-    assert made == (["fork"] if (os.cpu_count() or 1) > 1 else [])
+    out = _check_in_a_fresh_process(messy, "same")
+    assert out["made"] == ["fork"]
+    assert out["report"] == json.loads(json.dumps(report))
 
 
-def die(paths: list[str], max_pixels: int) -> list[dict[str, Any]]:
-    os._exit(3)  # as a file that crashes the image library would
-
-
-def test_a_dying_checking_process_is_a_fovea_error(messy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fovea.data._check as check_module
-
-    if threading.active_count() > 1 or (os.cpu_count() or 1) < 2:
-        pytest.skip("the check runs in threads here")
-    monkeypatch.setattr(check_module, "_PROCESSES_FROM", 0)
-    monkeypatch.setattr(check_module, "_inspect_many", die)
-    with pytest.raises(FoveaError, match="checking process died"):
-        check(messy, progress=False)
+def test_a_dying_checking_process_is_a_fovea_error(messy: Path) -> None:
+    out = _check_in_a_fresh_process(messy, "die")
+    assert out["made"] == ["fork"] and "checking process died" in out["error"]
