@@ -214,7 +214,13 @@ def calibrate_unknown(
 
 
 def _torchrun(nproc: int) -> None:
-    """``fovea train … --nproc N``: the same command again under ``torchrun --standalone --nproc-per-node N``."""
+    """``fovea train … --nproc N``: the same command again under ``torchrun --standalone --nproc-per-node N``.
+
+    The processes' own lines pass through; torchrun's report of a failed process (its Python traceback and log
+    lines about the agent) is replaced by one line, since each process has already said what went wrong."""
+    import re
+    import subprocess
+
     args, skip = [], False
     for a in sys.argv[sys.argv.index("train") + 1 :]:
         if skip:
@@ -225,4 +231,15 @@ def _torchrun(nproc: int) -> None:
             args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "fovea", "train", *args]
-    os.execv(sys.executable, cmd)
+    agent_log = re.compile(r"^[IWE]\d{4} .*torch/distributed/")
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as p:
+        assert p.stderr is not None
+        quiet = False
+        for line in p.stderr:
+            quiet = quiet or line.startswith("Traceback (most recent call last):")
+            if not quiet and not agent_log.match(line):
+                sys.stderr.write(line)
+    if p.returncode:
+        sys.stderr.write(f"error: a training process failed (torchrun exit code {p.returncode}); its message is above\n")
+        raise SystemExit(2)
+    raise SystemExit(0)
