@@ -10,12 +10,33 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from fovea.errors import FoveaError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _TORCHVISION = ("alexnet", "googlenet")  # course classics that timm does not ship
+
+
+class Headed(nn.Module):
+    """timm's model protocol, which Fovea's own models share (explain, features mode, the unknown score and
+    similar images call it): ``forward_features`` (the subclass's) -> ``forward_head`` (here: ``self.head``, or
+    its input with ``pre_logits``) = ``forward``; ``get_classifier`` is ``self.head``."""
+
+    head: nn.Module
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

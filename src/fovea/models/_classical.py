@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fovea.errors import FoveaError
-from fovea.models._architectures import register_model
+from fovea.models._architectures import Headed, register_model
 
 DEFAULT_SIZE = 64  # HOG of 8 px cells at 64 px beat 96 and 128 px on pets (71.5, 69.8, 69.5 % val; linear SVM, C 1e-4)
 HOG_CELL, HOG_BLOCK, HOG_BINS = 8, 2, 9  # Dalal & Triggs' defaults: 8 px cells, 2 x 2 blocks, 9 orientations
@@ -159,7 +159,7 @@ class KNNHead(nn.Module):
         return torch.log(share.clamp_min(1.0 / (10 * self.k)))
 
 
-class Classical(nn.Module):
+class Classical(Headed):
     """A handcrafted feature, standardised (``mu``, ``sigma``), into a fitted classifier ``head``.
 
     ``forward`` takes the batch the runtime feeds every model: (B, 3, S, S) floats normalised by this model's
@@ -215,14 +215,6 @@ class Classical(nn.Module):
         raw = torch.from_numpy(self.extract(pixels)).to(x.device, self.mu.dtype)  # fp16/bf16 artifacts: theirs
         return (raw - self.mu) / self.sigma  # (B, D)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def uncounted_flops(self) -> int:
         """Operations of one image that torch's FLOP counter does not see: the handcrafted features (estimated

@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from fovea.models._architectures import register_model
+from fovea.models._architectures import Headed, register_model
 
 GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 _CELLS: dict[str, Any] = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 DEFAULT_SIZE = 32  # 32 rows of 96 values: the mlp's input size, so the two read the same pixels
 
 
-class RowRNN(nn.Module):
+class RowRNN(Headed):
     """An RNN, GRU or LSTM over the image's rows; the last hidden state (both directions') -> dropout -> linear."""
 
     no_cam = ("a recurrent model reads the image row by row and keeps no spatial feature map, so Grad-CAM and CAM "
@@ -54,12 +54,6 @@ class RowRNN(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(self.drop(x))
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def parameter_formulas(self) -> list[str]:
         """The course's parameter count of every recurrent layer and the classifier, checked against PyTorch's."""
         g, h, dirs = GATES[self.cell], self.hidden, 2 if self.bidirectional else 1
@@ -76,8 +70,10 @@ class RowRNN(nn.Module):
                          f"{course:,} per direction; + {g * h:,} for PyTorch's second bias (b_hh) = {torch_n:,}"
                          + (f"; x 2 directions = {2 * torch_n:,}" if dirs == 2 else "")
                          + f" (counted: {counted:,})")
-        n_head = self.num_features * self.head.out_features + self.head.out_features
-        lines.append(f"classifier: {self.num_features} x {self.head.out_features} + {self.head.out_features} = "
+        assert isinstance(self.head, nn.Linear)
+        classes = self.head.out_features
+        n_head = self.num_features * classes + classes
+        lines.append(f"classifier: {self.num_features} x {classes} + {classes} = "
                      f"{n_head:,}; total {total + n_head:,}")
         return lines
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fovea.models._architectures import register_model
+from fovea.models._architectures import Headed, register_model
 
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -17,7 +17,7 @@ class _Gray(nn.Module):
         return x.mean(1, keepdim=True)
 
 
-class MLP(nn.Module):
+class MLP(Headed):
     """Fully connected baseline (the seeds' "FC vs CNN"): flatten -> [Linear, (BN), act, Dropout] x k -> Linear.
 
     ``activations`` names each hidden layer's (relu, sigmoid, tanh, gelu; default relu for all) and ``gray``
@@ -56,15 +56,6 @@ class MLP(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x if pre_logits else self.head(x)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def _conv_bn(c_in: int, c_out: int, batch_norm: bool) -> list[nn.Module]:
     return [
@@ -88,7 +79,7 @@ class _Stage(nn.Module):
         return x + self.conv2(x)
 
 
-class CNN(nn.Module):
+class CNN(Headed):
     """Compact convnet that trains fast from scratch on a few thousand images, on a CPU.
 
     stem conv (stride ``stem_stride``) -> 3 stages (conv, pool, residual conv) at widths ``widths`` ->
@@ -129,12 +120,6 @@ class CNN(nn.Module):
         # Scaled logits (as in airbench/hlb-cifar10): the pooled features are unnormalised and large, so
         # an unscaled head takes steps of |f|^2 * lr and diverged at lr 0.02 in our tests; 1/8 fixes it.
         return x if pre_logits else self.head(self.drop(x)) * self.logit_scale
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 @register_model
