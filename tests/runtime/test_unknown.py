@@ -100,6 +100,19 @@ def test_registry_names_and_default() -> None:
     assert not default.uses_images and not default.uses_stages
 
 
+def test_the_default_score_reads_the_normalised_embedding() -> None:
+    """Mahalanobis on the L2-normalised embedding: an image's embedding scaled up scores the same, while the
+    same direction as a training class scores lower than a direction between the classes."""
+    emb, labels = mahalanobis_toy()
+    emb = emb + [1.0, 5.0]  # away from the origin, so that directions differ
+    score = create_score(DEFAULT_SCORE)
+    score.fit(embeddings=emb, logits=np.zeros((8, 2)), labels=labels)
+    q = np.array([[1.0, 5.0], [3.0, 15.0], [-5.0, 0.2]])
+    s = score(embeddings=q, logits=np.zeros((3, 2)))
+    np.testing.assert_allclose(s[0], s[1], rtol=1e-9)
+    assert s[2] > s[0] + 1
+
+
 def test_a_misspelt_score_gets_did_you_mean() -> None:
     with pytest.raises(FoveaError, match="did you mean 'knn'"):
         create_score("knm")
@@ -131,13 +144,13 @@ def mahalanobis_toy() -> tuple[np.ndarray, np.ndarray]:
 
 def test_mahalanobis_on_a_known_covariance() -> None:
     emb, labels = mahalanobis_toy()
-    score = create_score("mahalanobis", shrinkage=0.0)
+    score = create_score("mahalanobis", shrinkage=0.0, normalize=False)
     score.fit(embeddings=emb, logits=np.zeros((8, 2)), labels=labels)
     q = np.array([[1.0, 1.0], [9.0, -0.5]])
     # (1, 1) to (0, 0): 1/2 + 1/0.5 = 2.5 (to (10, 0): 81/2 + 2); (9, -0.5) to (10, 0): 1/2 + 0.25/0.5 = 1
     np.testing.assert_allclose(score(embeddings=q, logits=np.zeros((2, 2))), [2.5, 1.0])
 
-    rel = create_score("mahalanobis", shrinkage=0.0, relative=True)
+    rel = create_score("mahalanobis", shrinkage=0.0, relative=True, normalize=False)
     rel.fit(embeddings=emb, logits=np.zeros((8, 2)), labels=labels)
     # the whole set: mean (5, 0), covariance diag(2 + 25, 0.5); (1, 1): 16/27 + 2
     np.testing.assert_allclose(rel(embeddings=q[:1], logits=np.zeros((1, 2))), [2.5 - (16 / 27 + 2)])

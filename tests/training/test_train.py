@@ -113,6 +113,45 @@ def test_run_folder_holds_no_pickle(tiny_pets: Path, tmp_path: Path) -> None:
         assert load_file(str(p)), f"{p} is empty"
 
 
+def test_the_rotation_task_trains_the_network_and_stays_out_of_the_artifact(tiny_pets: Path, tmp_path: Path) -> None:
+    plain = fovea.train(tiny_pets, epochs=2, out=str(tmp_path / "plain"), **TINY)
+    turned = fovea.train(tiny_pets, epochs=2, rotation_aux=1.0, out=str(tmp_path / "turned"), **TINY)
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(turned / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # no rotation head in the artifact
+    assert not same_tensors(a, b)  # same seed, same data: the extra loss changed the weights
+    assert json.loads((turned / "train_config.json").read_text())["rotation_aux"] == 1.0
+    assert fovea.load(turned, "cpu", unknown=False).predict([next(tiny_pets.glob("val/*/*"))])[0][0].label in ("cat", "dog")
+
+
+def test_the_rotation_task_turns_each_image_by_a_quarter_turn_it_then_predicts() -> None:
+    """Its loss is the cross-entropy of the head's guess at how far each image was turned: a head that reads
+    the turn off a marked corner gets it (near 0), a head that knows nothing gets log 4."""
+    from fovea.training._loop import RotationTask
+
+    class Corner(torch.nn.Module):  # "embedding": the top-left 2 x 2 pixel of each of 4 corners' channel 0
+        num_features = 4
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([x[:, 0, 0, 0], x[:, 0, 0, -1], x[:, 0, -1, -1], x[:, 0, -1, 0]], 1)
+
+        def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+            return x
+
+    x = torch.zeros(64, 3, 8, 8)
+    x[:, 0, 0, 0] = 1.0  # a mark in the top-left corner: rot90 by k moves it to corner k (counter-clockwise)
+    task = RotationTask(Corner())
+    with torch.no_grad():
+        task.head.weight.copy_(20 * torch.eye(4)[[0, 3, 2, 1]])  # corner index of the mark after k turns
+        task.head.bias.zero_()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert float(task(x)) < 1e-3
+        task.head.weight.zero_()
+        assert abs(float(task(x)) - float(np.log(4))) < 1e-6
+    with pytest.raises(FoveaError, match="--rotation-aux needs a model with an embedding"):
+        RotationTask(torch.nn.Linear(3, 2))
+
+
 # ------------------------------------------------------------------------------------------ reproducible
 
 
@@ -356,6 +395,7 @@ def test_resume_refuses_other_data_another_model_and_a_damaged_checkpoint(tiny_p
 
 @pytest.mark.parametrize("kw,message", [({"dropout": 1.5}, "--dropout"), ({"weight_decay": -1}, "--weight-decay"),
                                         ({"patience": 0}, "--patience"), ({"image_size": 100_000}, "over 2048"),
+                                        ({"rotation_aux": -0.5}, "--rotation-aux"),
                                         ({"image_size": 1, "model": "cnn"}, "too small for cnn")])
 def test_bad_settings_fail_before_any_image_is_decoded(tiny_pets: Path, tmp_path: Path, kw: dict[str, Any],
                                                         message: str) -> None:

@@ -145,10 +145,11 @@ def train_classical(cfg: TrainConfig, run: Path, ds: Any, train_set: ImageSet, v
     # One pass, no epochs, no gradient: the loop's settings are recorded as what happened, not what was planned.
     cfg = dataclasses.replace(cfg, epochs=1, time=None, amp=False, channels_last=False, compile=False)
     if cfg.unknown_score is None and cfg.unknown_keep > 0:
-        # The default score's Mahalanobis part inverts a D x D covariance, six times: with HOG's 1764 features
-        # that took 22 s of a 24 s fit on 2 cores (combo's 2436, longer). The k-NN part alone scales with N x D.
+        # The default score, Mahalanobis, inverts a D x D covariance estimated from fewer images than HOG's 1764
+        # features (combo: 2436); k-NN needs no inversion and scales with N x D. (Under the earlier combined
+        # default, six inversions took 22 s of a 24 s fit on 2 cores.)
         cfg.unknown_score = "knn"
-        log.info("unknown score: knn (the default's Mahalanobis part is slow on thousands of handcrafted features)")
+        log.info("unknown score: knn (Mahalanobis would invert a covariance of thousands of handcrafted features)")
     size = int(cfg.image_size or 64)
     mean, std = tuple(native["mean"]), tuple(native["std"])
     name = str(cfg.model)

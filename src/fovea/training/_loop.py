@@ -52,6 +52,33 @@ def logit_norm(logits: torch.Tensor, tau: float) -> torch.Tensor:
     return logits / (logits.norm(dim=-1, keepdim=True).clamp_min(1e-7) * tau) if tau else logits
 
 
+class RotationTask(nn.Module):
+    """--rotation-aux: each image of a batch is turned by a random multiple of 90 degrees and a linear head on the
+    model's embedding (timm's ``forward_head(..., pre_logits=True)``) predicts which; ``forward`` is that
+    prediction's cross-entropy (Hendrycks et al. 2019, "Using self-supervised learning can improve model
+    robustness and uncertainty"). One turn per image, not all four as in the paper: a CPU pays for every image.
+    The head is not part of the artifact."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        dim = getattr(model, "num_features", None)
+        if not isinstance(dim, int) or not hasattr(model, "forward_head"):
+            raise FoveaError(f"--rotation-aux needs a model with an embedding (timm's forward_head); "
+                             f"{type(model).__name__} has none")
+        self.model = [model]  # not a submodule: its parameters are the model's, optimised there
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model: Any = self.model[0]
+        turns = torch.randint(0, 4, (len(x),), device=x.device)
+        turned = torch.empty_like(x)
+        for k in range(4):
+            pick = turns == k
+            turned[pick] = torch.rot90(x[pick], k, (2, 3))
+        emb = model.forward_head(model.forward_features(turned), pre_logits=True)
+        return F.cross_entropy(self.head(emb).float(), turns)
+
+
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
     if groups is None:
@@ -341,6 +368,14 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
                             trainable_parameters=sum(p.numel() for p in model.parameters()) - n_frozen)
         else:
             opt = make_optimizer(cfg.optimizer, model, cfg.lr, float(cfg.weight_decay or 0.0))
+    rotation = None
+    if cfg.rotation_aux and cfg.mode == "features":
+        log.warning("--rotation-aux trains the network's embedding; --mode features keeps it fixed, so it is off")
+    elif cfg.rotation_aux:
+        if group.active:
+            raise FoveaError("--rotation-aux does not run under torchrun yet: train in one process")
+        rotation = RotationTask(model).to(device)
+        opt.add_param_group({"params": list(rotation.head.parameters()), "weight_decay": float(cfg.weight_decay or 0)})
     fit = Fit(cfg, run, trained, opt, batches, val_set, device, generator, callbacks, steps_per_epoch=len(batches),
               val_images=val_set.images if val_set.on_disk else val_set.images.to(device), val_features=val_features,
               lr_fn=lr_fn, main=group.main, world=group.world)
@@ -421,6 +456,8 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
                 logits = net(x)
                 loss = F.cross_entropy(logit_norm(logits.float(), cfg.logit_norm), y, weight=class_weight,
                                        label_smoothing=cfg.label_smoothing)
+            if rotation is not None:
+                loss = loss + cfg.rotation_aux * rotation(x)
         if cfg.l1:
             loss = loss + cfg.l1 * sum(p.abs().sum() for p in l1_params if p.requires_grad)
         opt.zero_grad(set_to_none=True)
