@@ -177,6 +177,33 @@ def test_hog_svm_predicts_evaluates_and_batches_as_loaded(hog_svm: Path, tiny_pe
     assert r.predicted == 40
 
 
+NETWORK_ONLY = ("dropout", "--epochs", "--augment", "--patience", "bigger model")  # knobs a one-pass fit lacks
+
+
+def test_hog_svm_is_advised_on_its_own_knobs(hog_svm: Path) -> None:
+    # What training wrote (metrics.json, which `fovea train` prints, and the report): C and the features, none
+    # of a network's knobs.
+    d = json.loads((hog_svm / "metrics.json").read_text())["diagnosis"]
+    assert d["verdict"] in ("bias", "variance"), d  # 40 images a class: far from a fit
+    report = (hog_svm / "report.html").read_text()
+    section = report.split("<h2>Diagnosis:", 1)[1].split("<h2>", 1)[0]
+    wanted = "--model combo-svm" if d["verdict"] == "bias" else "more training data"  # more features, or more images
+    for advice in ("\n".join(d["next_steps"]), section):
+        assert "--arch c=" in advice and wanted in advice, advice
+        assert not [k for k in NETWORK_ONLY if k in advice], advice
+
+
+def test_train_prints_k_nn_advice(tiny_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["train", str(tiny_pets), "--model", "lbp-knn", "--out", str(tmp_path / "knn"),
+                               "--unknown-keep", "0", "-q"], monkeypatch, capsys)
+    assert code == 0, err
+    printed = "\n".join(line for line in out.splitlines() if line.strip().startswith("next:"))
+    assert "diagnosis: VARIANCE" in out, out  # k-NN counts each training image among its own neighbours
+    assert "--arch k=" in printed and "more training data" in printed, out
+    assert not [k for k in NETWORK_ONLY if k in printed], out
+
+
 def test_hog_svm_is_served(hog_svm: Path, tiny_pets: Path) -> None:
     from fastapi.testclient import TestClient
 

@@ -55,7 +55,8 @@ def finish(fit: Trained, ds: Any, train_set: ImageSet, val_set: ImageSet, quaran
         # augmentation, evaluated exactly like validation.
         train_logits = evaluated(train_set.images)
         metrics["train_accuracy"] = float((train_logits.argmax(1) == train_set.labels).float().mean())
-        metrics["diagnosis"] = diagnose(1 - metrics["train_accuracy"], 1 - metrics["accuracy"], cfg.human_error)
+        metrics["diagnosis"] = diagnose(1 - metrics["train_accuracy"], 1 - metrics["accuracy"], cfg.human_error,
+                                        classical=transfer.get("classical"))  # its own knobs, not a network's
     meta = {
         "architecture": {"name": cfg.model, "kwargs": arch_kwargs},
         "classes": ds.classes,
