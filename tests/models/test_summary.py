@@ -224,6 +224,19 @@ def test_cli_resnet18_prints_its_parameter_count() -> None:
     assert "layer4.1.conv2" in done.stdout and "[1, 512, 7, 7]" in done.stdout
 
 
+def test_help_shows_an_architecture_summarised_without_a_run() -> None:
+    # The architecture, before any training: --help's example runs as written, with no run folder anywhere.
+    shown = fovea_cli("summary", "--help")
+    assert shown.returncode == 0, shown.stderr
+    example = next(line.split("#")[0].split() for line in shown.stdout.splitlines()
+                   if line.strip().startswith("fovea summary cnn "))
+    done = fovea_cli(*example[1:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    s = summarize("cnn", image_size=int(example[example.index("--image-size") + 1]))
+    assert f"cnn: {s.image_size}x{s.image_size} px, 2 classes" in done.stdout
+    assert f"parameters {s.parameters:,}" in done.stdout
+
+
 @pytest.mark.parametrize("args", [["resnet81"], ["NOT_A_RUN"]])
 def test_cli_bad_input_is_one_error_line(args: list[str], tmp_path: Path) -> None:
     args = [str(tmp_path) if a == "NOT_A_RUN" else a for a in args]  # an existing folder without model.json

@@ -97,7 +97,7 @@ def models(
 @app.command(epilog=examples(
     "fovea summary resnet18          # 11,689,512 parameters, 3.63 GFLOPs at 224 px",
     "fovea summary runs/pets         # a trained model, at its own image size",
-    "fovea summary cnn --image-size 128 --depth 1",
+    "fovea summary cnn --image-size 128 --depth 1  # an architecture, no run needed",
     "fovea summary inception_v3 --num-classes 2 --json > summary.json",
 ))
 def summary(
