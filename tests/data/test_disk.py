@@ -44,6 +44,20 @@ def test_the_disk_store_holds_what_memory_holds_and_maps_it(photos: list[Sample]
         load_images(photos, SIZE, cache=False, progress=False, store="disk")
 
 
+def test_rows_of_a_disk_set_are_read_from_its_file_into_memory_of_their_own(photos: list[Sample],
+                                                                          tmp_path: Path) -> None:
+    """Whole-set passes read a disk-backed set a block at a time (``ImageSet.rows``): the same pixels as memory's,
+    in a new tensor rather than a view of the map, whose pages would stay in the process's resident memory."""
+    mem = load_images(photos, SIZE, cache=False, progress=False)
+    disk = load_images(photos, SIZE, cache=tmp_path, progress=False, store="disk")
+    n = len(mem)
+    for lo, hi in ((0, 7), (7, 30), (30, n + 5), (n, n + 3)):  # past the end: cut, as a slice is
+        got = disk.rows(lo, hi)
+        assert torch.equal(got, mem.rows(lo, hi)) and got.dtype == torch.uint8
+        assert got.untyped_storage().data_ptr() != disk.images.untyped_storage().data_ptr()
+    assert mem.rows(3, 9).untyped_storage().data_ptr() == mem.images.untyped_storage().data_ptr()  # memory: a view
+
+
 def test_a_killed_decode_resumes_at_the_first_chunk_not_written(photos: list[Sample], tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 8 * 3 * SIZE * SIZE)  # chunks of 8 images: 6 chunks for 41

@@ -62,6 +62,25 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Images ``lo:hi`` (M, 3, S, S): a view of memory; for a disk-backed set, read from its file with
+        ``os.preadv`` into a new tensor, not through the map, whose pages would count in the process's resident
+        memory for as long as the kernel keeps them (a pass over the set would look as large as the set)."""
+        if self.file is None:
+            return self.images[lo:hi]
+        from fovea.data._disk import read_rows
+
+        hi = min(hi, len(self.images))
+        lo = min(lo, hi)
+        out = np.empty((hi - lo, *self.images.shape[1:]), np.uint8)  # (M, 3, S, S)
+        flat = out.reshape(hi - lo, int(np.prod(out.shape[1:])))  # (M, 3·S·S): one file row each
+        fd = os.open(self.file, os.O_RDONLY)
+        try:
+            read_rows(fd, _data_offset(self.file), flat.shape[1], np.arange(lo, hi), flat)
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out)
+
 
 def _hash_file(path: str) -> str | None:
     """Content hash of one file (read in one go; the bytes are not kept, so memory stays flat)."""

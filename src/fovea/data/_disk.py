@@ -78,9 +78,12 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
-def choose_store(cache: str, n_images: int, size: int, device: torch.device, copies: int = 1) -> tuple[str, str]:
+def choose_store(cache: str | bool, n_images: int, size: int, device: torch.device, copies: int = 1) -> tuple[str, str]:
     """("memory" | "disk", why) for ``--cache`` ``cache`` and a set of ``n_images`` at ``size`` px, held ``copies``
-    times on this machine (a distributed run's processes each hold their own)."""
+    times on this machine (a distributed run's processes each hold their own). The Python API's ``cache=True`` is
+    "auto", ``False`` "none"."""
+    if isinstance(cache, bool):
+        cache = "auto" if cache else "none"
     if cache not in STORE_CHOICES:
         raise FoveaError(f"--cache {cache!r}: choose from {', '.join(STORE_CHOICES)}")
     need = n_images * 3 * size * size * copies
