@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fovea.artifact import read_meta, write_meta
 from fovea.errors import FoveaError
-from fovea.runtime._predictor import UNKNOWN, Network
+from fovea.runtime._predictor import UNKNOWN, Network, set_blocks
+
+if TYPE_CHECKING:
+    from fovea.data import ImageSet
 
 log = logging.getLogger("fovea.runtime")
 
 
-def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor, fit_labels: np.ndarray,
-                calibration: torch.Tensor, score: str | None = None, keep: float = 0.95,
+def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor | ImageSet, fit_labels: np.ndarray,
+                calibration: torch.Tensor | ImageSet, score: str | None = None, keep: float = 0.95,
                 tta: bool | None = None, note: str | None = None) -> dict[str, Any]:
     """Fit ``score`` (default ``unknown.DEFAULT_SCORE``) on ``fit_images`` (N, 3, S, S) with their class indexes,
     set the threshold that keeps ``keep`` of the ``calibration`` images, and record both in the artifact in
@@ -32,6 +35,7 @@ def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor,
 
     ``tta``: read features averaged with the mirror image's (default: as the model predicts). A score that
     needs an embedding falls back to ``energy`` (logits only) where the runtime exposes none, and says so.
+    Either set may be a disk-backed ``ImageSet``: it is read a block at a time.
     """
     from fovea.runtime import unknown as u
 
@@ -46,7 +50,7 @@ def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor,
     name = score or u.DEFAULT_SCORE
     chosen = u.create_score(name)
     tta = model.tta if tta is None else tta
-    fit_inputs = model.score_inputs(fit_images, tta=tta, score=chosen)
+    fit_inputs = model.score_inputs_over(fit_images, tta=tta, score=chosen)
     missing = (chosen.uses_embedding and fit_inputs["embeddings"] is None) or (
         chosen.uses_stages and fit_inputs.get("stages") is None)
     if missing:
@@ -55,7 +59,7 @@ def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor,
         chosen, note = u.create_score("energy"), note or f"{name} needs features this runtime does not expose"
         fit_inputs = {"logits": fit_inputs["logits"], "embeddings": None}
     chosen.fit(**fit_inputs, labels=np.asarray(fit_labels))
-    known = np.asarray(chosen(**model.score_inputs(calibration, tta=tta, score=chosen)), np.float64)
+    known = np.asarray(chosen(**model.score_inputs_over(calibration, tta=tta, score=chosen)), np.float64)
     threshold = float(u.threshold_at(known, keep))
     entry = u.save_unknown(folder, chosen, threshold=threshold, keep=keep, calibrated_on=len(known),
                            kept=float((known <= threshold).mean()))
@@ -68,7 +72,8 @@ def fit_unknown(folder: str | Path, model: Network, *, fit_images: torch.Tensor,
     return entry
 
 
-def calibrate_ensemble(run: str | Path, calibration: Any, *, keep: float = 0.95, device: str = "auto") -> dict[str, Any]:
+def calibrate_ensemble(run: str | Path, calibration: torch.Tensor | ImageSet, *, keep: float = 0.95,
+                       device: str = "auto") -> dict[str, Any]:
     """The ensemble in ``run`` answers "unknown" by the mean of its members' scores, each standardised by its
     mean and spread on ``calibration`` (known images none was fitted on), over a threshold that keeps ``keep`` of
     them; every member must have its score."""
@@ -82,8 +87,8 @@ def calibrate_ensemble(run: str | Path, calibration: Any, *, keep: float = 0.95,
     if missing:
         raise FoveaError(f"ensemble members without an unknown score: {', '.join(missing)}; "
                          f"fovea calibrate-unknown {run} DATA fits them")
-    _, scores = model.member_scores(calibration)  # (members, N)
-    assert scores is not None
+    parts = [model.member_scores(b)[1] for b in set_blocks(calibration)]  # each (members, block): a block at a time
+    scores = np.concatenate([p for p in parts if p is not None], axis=1)  # (members, N); every member has a score
     mean, std = scores.mean(1), np.maximum(scores.std(1), 1e-12)
     combined = ((scores - mean[:, None]) / std[:, None]).mean(0)
     threshold = float(threshold_at(combined, keep))
@@ -97,7 +102,8 @@ def calibrate_ensemble(run: str | Path, calibration: Any, *, keep: float = 0.95,
     return entry
 
 
-def recalibrate_unknown(folder: str | Path, calibration: torch.Tensor, *, device: str = "auto") -> dict[str, Any]:
+def recalibrate_unknown(folder: str | Path, calibration: torch.Tensor | ImageSet, *,
+                        device: str = "auto") -> dict[str, Any]:
     """A new threshold for the unknown score the artifact in ``folder`` already has (fitted state unchanged), set on
     ``calibration`` known images with this artifact's own numerics (a compressed copy's scores move a little);
     returns the updated entry."""
@@ -108,7 +114,7 @@ def recalibrate_unknown(folder: str | Path, calibration: torch.Tensor, *, device
     entry = dict(model.meta.get("unknown") or {})
     if not model.answers_unknown or not entry:
         raise FoveaError(f"{folder} has no unknown score to recalibrate")
-    scores = np.asarray(model.outputs(calibration).unknown_scores, np.float64)
+    scores = np.asarray(model.outputs_over(calibration).unknown_scores, np.float64)
     keep = float(entry.get("keep", 0.95))
     threshold = float(threshold_at(scores, keep))
     entry.update(threshold=threshold, calibrated_on=int(len(scores)), kept=float((scores <= threshold).mean()),
