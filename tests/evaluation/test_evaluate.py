@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fovea
 from fovea.errors import FoveaError
@@ -22,6 +24,17 @@ def run(tiny_pets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("FOVEA_HOME", str(tmp_path_factory.mktemp("eval_home")))
         return fovea.train(tiny_pets, model="cnn", image_size=32, epochs=2, progress=False,
                            out=str(tmp_path_factory.mktemp("eval_run") / "run"))
+
+
+@pytest.fixture(scope="module")
+def pets_val_300(pets_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few hundred real photos: the first 150 cats and 150 dogs of pets/val, as class folders."""
+    dst = tmp_path_factory.mktemp("pets_val_300")
+    for cls in ("cat", "dog"):
+        (dst / cls).mkdir()
+        for p in sorted((pets_root / "val" / cls).glob("*.jpg"))[:150]:
+            shutil.copy(p, dst / cls / p.name)
+    return dst
 
 
 def _class_tree(src: Path, dst: Path) -> Path:
@@ -76,3 +89,32 @@ def test_unknown_class_folder_is_an_error(run: Path, tiny_pets: Path, tmp_path: 
 def test_not_a_run_folder_is_an_error(tiny_pets: Path, tmp_path: Path) -> None:
     with pytest.raises(FoveaError, match="model.json"):
         fovea.evaluate(tmp_path, tiny_pets, progress=False)
+
+
+def test_a_set_over_the_memory_budget_is_read_from_disk_with_the_same_metrics(
+        run: Path, pets_val_300: Path, fovea_home: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Past the memory budget, evaluate decodes the set into its cache file and passes over it a block at a time
+    (read from the file, not held): the metrics JSON is the same as from the set decoded into memory."""
+    import fovea.data._cache as cache_mod
+    import fovea.runtime._predictor as predictor_mod
+
+    monkeypatch.setattr(predictor_mod, "BLOCK_BYTES", 3 * 32 * 32 * 64)  # blocks of 64 images: five of them
+    read: list[tuple[int, int]] = []
+    rows = cache_mod.ImageSet.rows
+
+    def spy(self: cache_mod.ImageSet, lo: int, hi: int) -> torch.Tensor:
+        if self.on_disk:
+            read.append((lo, hi))
+        return rows(self, lo, hi)
+
+    monkeypatch.setattr(cache_mod.ImageSet, "rows", spy)
+    monkeypatch.setenv("FOVEA_MEMORY_BUDGET", "100KB")  # 300 images at 32 px are 900 KB
+    with caplog.at_level(logging.INFO, logger="fovea.evaluation"):
+        disk = fovea.evaluate(run, pets_val_300, progress=False)  # auto: over the budget, so on disk
+    assert "more than FOVEA_MEMORY_BUDGET" in caplog.text
+    assert read == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 320)]
+    assert list((fovea_home / "cache").glob("*.npy"))
+    memory = fovea.evaluate(run, pets_val_300, progress=False, cache="none")  # decoded again, into memory
+    assert disk["n_images"] == 300 and "unknown" in disk  # the run has an unknown score: its figures compared too
+    assert json.dumps(disk, sort_keys=True) == json.dumps(memory, sort_keys=True)

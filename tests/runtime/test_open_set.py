@@ -9,11 +9,13 @@ so no assertion depends on how well a tiny model tells ants from cats; bench/unk
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_main, train_cnn, with_threshold
 
 import fovea
@@ -178,3 +180,25 @@ def test_whole_set_passes_run_in_blocks_with_the_same_answers(run: Path, tiny_pe
     again = model.score_inputs(images)
     assert all(np.allclose(again[k], v, atol=1e-5) for k, v in inputs.items() if v is not None)
     assert np.allclose(model.logits(images).numpy(), logits.numpy(), atol=1e-5)
+
+
+def test_calibrate_unknown_from_the_disk_store_gives_what_memory_gives(
+        run: Path, tiny_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--cache disk decodes both splits into their cache files and fits and calibrates the score a block at a time:
+    the same entry and the same fitted score as from the splits decoded into memory."""
+    import fovea.runtime._predictor as predictor_mod
+
+    monkeypatch.setattr(predictor_mod, "BLOCK_BYTES", 3 * 32 * 32 * 16)  # blocks of 16 images: several per split
+    disk, memory = tmp_path / "disk", tmp_path / "memory"
+    shutil.copytree(run, disk)
+    shutil.copytree(run, memory)
+    code, _, _ = run_main(["calibrate-unknown", str(disk), str(tiny_pets), "--cache", "disk", "-q"], monkeypatch, capsys)
+    assert code == 0 and list((Path(os.environ["FOVEA_HOME"]) / "cache").glob("*.npy"))
+    fovea.training.calibrate_unknown(memory, tiny_pets, cache="none", progress=False,
+                                     score=read_meta(run)["unknown"]["score"])  # the CLI keeps the run's score
+    assert read_meta(disk)["unknown"] == read_meta(memory)["unknown"]
+    from safetensors.torch import load_file
+
+    fitted, again = load_file(disk / UNKNOWN_FILE), load_file(memory / UNKNOWN_FILE)  # the header's order may differ
+    assert fitted.keys() == again.keys() and all(torch.equal(fitted[k], again[k]) for k in fitted)

@@ -84,7 +84,7 @@ def train(
     "fovea lr-find data/pets --optimizer adamw --steps 200 --end-lr 1",
 ))
 @train_options("model", "weights", "pretrained", "optimizer", "batch_size", "image_size", "device", "val_fraction",
-               "seed", "preprocess",
+               "seed", "preprocess", "cache",
                help={"optimizer": "sgd | adam | adamw | rmsprop (default: what `fovea train` picks).",
                      "batch_size": "Batch size (default: what `fovea train` picks).",
                      "val_fraction": "Validation share when DATA has no val split (held out, as in train).",
@@ -186,7 +186,8 @@ def demo(
     "fovea calibrate-unknown runs/pets data/pets                  # fit on train/, calibrate on val/",
     "fovea calibrate-unknown runs/pets data/pets --keep 0.99      # refuse fewer known images",
     "fovea calibrate-unknown runs/old data/pets --score mahalanobis",
-    "fovea calibrate-unknown runs/pets-ens data/pets              # an ensemble: each member, then the mean"))
+    "fovea calibrate-unknown runs/pets-ens data/pets              # an ensemble: each member, then the mean",
+    "fovea calibrate-unknown runs/big data/big --cache disk       # a set larger than memory, read in blocks"))
 def calibrate_unknown(
     run: Annotated[Path, typer.Argument(help="A model folder (a run or an ensemble; not a registered version).")],
     data: DataArg,
@@ -195,6 +196,10 @@ def calibrate_unknown(
                                                    "see docs/unknown.md).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
+    cache: Annotated[str, typer.Option(metavar="auto|memory|disk|none", help=(
+        "Where the decoded images live: auto (in memory if they fit in half the free memory, else disk), memory, "
+        "disk (read from $FOVEA_HOME/cache a block at a time: memory stays flat), none (in memory, no cache "
+        "entry kept)."))] = "auto",
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -208,7 +213,7 @@ def calibrate_unknown(
         given = (read_meta(run).get("unknown") or {}).get("score")
         score = given if given not in (None, "ensemble") else None
     entry = run_calibrate(run, data, keep=keep, score=score, val_fraction=val_fraction, seed=seed, device=device,
-                          progress=not quiet)
+                          progress=not quiet, cache=cache)
     typer.echo(f"{run}: unknown score {entry['score']}, threshold {entry['threshold']:.4g} keeps "
                f"{entry['kept']:.1%} of {entry['calibrated_on']} known validation images (asked {keep:.0%})")
 

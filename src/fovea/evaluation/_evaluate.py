@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from fovea.data import eval_samples, load_images
+from fovea.data import choose_store, eval_samples, load_images
 from fovea.errors import FoveaError
 from fovea.evaluation._diagnosis import diagnose
 from fovea.evaluation._metrics import classification_metrics
@@ -16,9 +18,11 @@ from fovea.evaluation._openset import openset_metrics
 from fovea.evaluation._report import write_report
 from fovea.runtime import load
 
+log = logging.getLogger("fovea.evaluation")
+
 
 def evaluate(run: str | Path, data: str | Path, *, device: str = "auto", report: str | Path | None = None,
-             progress: bool = True, cache: bool = True, human_error: float | None = None,
+             progress: bool = True, cache: bool | str = True, human_error: float | None = None,
              unknown: Sequence[str | Path] = (), open_set: bool = True) -> dict[str, Any]:
     """Evaluate a model artifact on ``data`` (a class tree, or the test/val split of a split layout).
 
@@ -27,16 +31,25 @@ def evaluate(run: str | Path, data: str | Path, *, device: str = "auto", report:
     gets "unknown": the share of these known images it keeps and their accuracy, and for each folder of images
     of none of its classes in ``unknown``, the score's ROC-AUC and the share of them it accepts
     (``open_set=False``: closed-set, as ``--no-unknown``).
+
+    ``cache`` is where the decoded images live, as ``fovea train --cache``: "auto" (True) holds them in memory
+    when they fit the memory budget (``FOVEA_MEMORY_BUDGET``, else half the free RAM) and otherwise decodes them
+    into their cache file and reads it a block at a time; "memory", "disk", or "none" (False: in memory, no cache
+    entry kept). The numbers are the same either way.
     """
     model = load(run, device, unknown=open_set)
     if unknown and not model.answers_unknown:
         raise FoveaError(f"{run} has no unknown-image score" + ("" if open_set else " (--no-unknown)") +
                          f"; give it one: fovea calibrate-unknown {run} TRAINING_DATA")
     samples, missing, split = eval_samples(data, model.classes)
-    images = load_images(samples, model.image_size, cache=cache, progress=progress, description="decoding")
+    # The set stays on the CPU whatever the device (a block at a time goes to it): the RAM is the budget.
+    store, why = choose_store(cache, len(samples), model.image_size, torch.device("cpu"))
+    log.info("images: %s", why)
+    images = load_images(samples, model.image_size, cache=cache not in (False, "none"), progress=progress,
+                         description="decoding", store=store)
     if len(images) == 0:
         raise FoveaError(f"none of the {len(samples)} files in {data} could be read")
-    out = model.outputs(images.images)
+    out = model.outputs_over(images)
     probs = out.probabilities
     m = classification_metrics(images.labels.numpy(), probs, model.classes)
     if model.answers_unknown and out.unknown_scores is not None:
@@ -45,7 +58,8 @@ def evaluate(run: str | Path, data: str | Path, *, device: str = "auto", report:
     m.update({"skipped": len(skipped), "quarantined": skipped, "split": split, "model": str(run), "data": str(data)})
     train_acc = model.meta.get("metrics", {}).get("train_accuracy")
     if train_acc is not None:
-        m["diagnosis"] = diagnose(1 - float(train_acc), 1 - m["accuracy"], human_error)
+        m["diagnosis"] = diagnose(1 - float(train_acc), 1 - m["accuracy"], human_error,
+                                  classical=(model.meta.get("transfer") or {}).get("classical"))
     elif human_error is not None:
         raise FoveaError(f"{run} has no recorded training error (trained by an older Fovea, or an ensemble); "
                          "the diagnosis needs it")

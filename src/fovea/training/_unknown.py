@@ -14,8 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fovea.artifact import read_meta, runtime_of
-from fovea.data import Dataset, discover, load_images
+from fovea.data import Dataset, choose_store, discover, load_images
 from fovea.errors import FoveaError
 
 log = logging.getLogger("fovea.training")
@@ -23,9 +25,13 @@ log = logging.getLogger("fovea.training")
 
 def calibrate_unknown(run: str | Path, data: str | Path | None = None, *, dataset: Dataset | None = None,
                       keep: float = 0.95, score: str | None = None, val_fraction: float = 0.2, seed: int = 0,
-                      device: str = "auto", progress: bool = True, cache: bool = True) -> dict[str, Any]:
+                      device: str = "auto", progress: bool = True, cache: bool | str = True) -> dict[str, Any]:
     """Fit and calibrate the unknown score of the model in ``run`` on ``data`` (or an already split ``dataset``);
-    returns model.json's new "unknown" entry."""
+    returns model.json's new "unknown" entry.
+
+    ``cache``: where the decoded images live, as ``fovea train --cache`` (True: "auto", False: "none"); a set over
+    the memory budget is decoded into its cache file and read a block at a time.
+    """
     from fovea.runtime import Ensemble, Network, calibrate_ensemble, fit_unknown, load
 
     run = Path(run)
@@ -43,12 +49,16 @@ def calibrate_unknown(run: str | Path, data: str | Path | None = None, *, datase
                          "(to set its threshold)")
     model = load(run, device, unknown=False)
     size = model.image_size
-    fit_set = load_images(train, size, cache=cache, progress=progress, description="decoding train")
-    cal_set = load_images(val, size, cache=cache, progress=progress, description="decoding val")
+    # Both splits are held at once, on the CPU whatever the device (a block at a time goes to it).
+    store, why = choose_store(cache, len(train) + len(val), size, torch.device("cpu"))
+    log.info("images: %s", why)
+    decode: dict[str, Any] = {"cache": cache not in (False, "none"), "store": store}
+    fit_set = load_images(train, size, progress=progress, description="decoding train", **decode)
+    cal_set = load_images(val, size, progress=progress, description="decoding val", **decode)
     if runtime_of(meta) != "ensemble":
         assert isinstance(model, Network)
-        entry = fit_unknown(run, model, fit_images=fit_set.images, fit_labels=fit_set.labels.numpy(),
-                            calibration=cal_set.images, score=score, keep=keep)
+        entry = fit_unknown(run, model, fit_images=fit_set, fit_labels=fit_set.labels.numpy(),
+                            calibration=cal_set, score=score, keep=keep)
         from fovea.monitor import forget_unknown_scores
 
         if forget_unknown_scores(run):
@@ -58,8 +68,8 @@ def calibrate_unknown(run: str | Path, data: str | Path | None = None, *, datase
     assert isinstance(model, Ensemble)
     for member in model.members:  # each member its own score, fitted on the same split at its own size
         if not member.meta.get("unknown") or score is not None:
-            fit_m = load_images(train, member.image_size, cache=cache, progress=False)
-            cal_m = load_images(val, member.image_size, cache=cache, progress=False)
-            fit_unknown(member.path, member, fit_images=fit_m.images, fit_labels=fit_m.labels.numpy(),
-                        calibration=cal_m.images, score=score, keep=keep)
-    return calibrate_ensemble(run, cal_set.images, keep=keep, device=device)
+            fit_m = load_images(train, member.image_size, progress=False, **decode)
+            cal_m = load_images(val, member.image_size, progress=False, **decode)
+            fit_unknown(member.path, member, fit_images=fit_m, fit_labels=fit_m.labels.numpy(),
+                        calibration=cal_m, score=score, keep=keep)
+    return calibrate_ensemble(run, cal_set, keep=keep, device=device)
