@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,25 @@ def test_the_command_reproduces_the_setup(cnn_curve: LRFind, tiny_pets: Path) ->
     cmd = cnn_curve.command()
     assert cmd.startswith(f"fovea train {tiny_pets} --model cnn --optimizer sgd --batch-size 16 --image-size 32")
     assert cmd.endswith(f"--lr {cnn_curve.suggestion:.3g}")
+
+
+def test_a_set_over_the_memory_budget_is_read_from_disk_in_batches(tiny_pets: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """As fovea train: past the memory budget the training split is decoded into its cache file and read from it
+    in batches (DiskBatches), for every step of the test."""
+    import fovea.data._disk as disk_mod
+
+    epochs: list[int] = []
+    produce = disk_mod.DiskBatches.__iter__
+
+    def spy(self: disk_mod.DiskBatches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epochs.append(len(self.labels))
+        return produce(self)
+
+    monkeypatch.setattr(disk_mod.DiskBatches, "__iter__", spy)
+    monkeypatch.setenv("FOVEA_MEMORY_BUDGET", "100KB")  # 80 images at 32 px are 240 KB
+    r = lr_find(tiny_pets, model="mlp", out=tmp_path / "disk", steps=12, **TINY)
+    assert epochs and epochs[0] == 80 and len(r.lrs) == len(r.losses) and all(math.isfinite(x) for x in r.losses[:5])
 
 
 def test_an_mlp_blows_up_and_the_test_stops_early(tiny_pets: Path, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fovea._system import cpu_has_bf16
-from fovea.data import Batches, discover, load_images
+from fovea.data import Batches, DiskBatches, choose_store, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import default_config, source_of
 from fovea.models.backbone import load_weights, read_weights
@@ -250,8 +250,10 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
         log.warning("lr-find does not apply %s: the curve is for plain cross-entropy", ", ".join(extras))
     transfer = bool(cfg.weights or cfg.pretrained)
     size = int(cfg.image_size or 64)
+    store, store_why = choose_store(cfg.cache, len(ds.splits["train"]), size, device)  # as fovea train chooses
+    log.info("images: %s", store_why)
     train_set = load_images(ds.splits["train"], size, cache=cfg.keeps_cache, progress=cfg.progress,
-                            description="decoding train", preprocess=preprocess_steps(cfg))
+                            description="decoding train", preprocess=preprocess_steps(cfg), store=store)
     for p, r in train_set.quarantined:
         log.warning("quarantined %s: %s", p, r)
     if len(train_set) == 0:
@@ -279,9 +281,13 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
         opt = make_optimizer(cfg.optimizer, model, start_lr, wd)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
-    batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), device=device, mean=mean,
-                      std=std, augment=str(cfg.augment), shuffle=True, drop_last=True, generator=generator,
-                      channels_last=bool(cfg.channels_last))
+    bkw: dict[str, Any] = {"device": device, "mean": mean, "std": std, "augment": str(cfg.augment), "shuffle": True,
+                           "drop_last": True, "generator": generator, "channels_last": bool(cfg.channels_last)}
+    if train_set.file is not None:  # on disk: read from the cache file in batches, as fovea train reads it
+        batches: Batches = DiskBatches(train_set.images, train_set.labels, int(cfg.batch_size or 128),
+                                       file=train_set.file, **bkw)
+    else:
+        batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), **bkw)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
