@@ -118,3 +118,19 @@ def test_a_set_over_the_memory_budget_is_read_from_disk_with_the_same_metrics(
     memory = fovea.evaluate(run, pets_val_300, progress=False, cache="none")  # decoded again, into memory
     assert disk["n_images"] == 300 and "unknown" in disk  # the run has an unknown score: its figures compared too
     assert json.dumps(disk, sort_keys=True) == json.dumps(memory, sort_keys=True)
+
+
+def test_fovea_evaluate_takes_cache(run: Path, tiny_pets: Path, fovea_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """`fovea evaluate --cache disk` gives the JSON of `--cache memory`; a value of neither kind is refused."""
+    from conftest import run_main
+
+    said = {}
+    for store in ("memory", "disk"):
+        code, out, err = run_main(["evaluate", str(run), str(tiny_pets / "val"), "--json", "--cache", store,
+                                   "--device", "cpu"], monkeypatch, capsys)
+        assert code == 0, err
+        said[store] = {k: v for k, v in json.loads(out).items() if k != "timings"}
+    assert said["disk"] == said["memory"]
+    code, out, err = run_main(["evaluate", str(run), str(tiny_pets / "val"), "--cache", "dsk"], monkeypatch, capsys)
+    assert code == 2 and "dsk" in err and "Traceback" not in err + out

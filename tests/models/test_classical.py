@@ -193,6 +193,16 @@ def test_hog_svm_is_advised_on_its_own_knobs(hog_svm: Path) -> None:
         assert not [k for k in NETWORK_ONLY if k in advice], advice
 
 
+def test_evaluate_advises_a_classical_models_own_knobs(hog_svm: Path, tiny_pets: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["evaluate", str(hog_svm), str(tiny_pets / "val")], monkeypatch, capsys)
+    assert code == 0, err
+    printed = "\n".join(line for line in out.splitlines() if line.strip().startswith("next:"))
+    assert "--arch c=" in printed, out
+    assert not [k for k in NETWORK_ONLY if k in printed], out
+
+
 def test_train_prints_k_nn_advice(tiny_pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_main(["train", str(tiny_pets), "--model", "lbp-knn", "--out", str(tmp_path / "knn"),

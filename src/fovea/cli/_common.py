@@ -34,6 +34,10 @@ DeviceOption = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 NoUnknownOption = Annotated[bool, typer.Option("--no-unknown", help="Closed-set: always answer one of the model's "
                                                "classes, even where its artifact can answer 'unknown' for images "
                                                "of none of them.")]
+CacheOption = Annotated[str, typer.Option(metavar="auto|memory|disk|none", help=(
+    "Where the decoded images live: auto (in memory if they fit in half the free memory, else disk), memory, "
+    "disk (read from $FOVEA_HOME/cache a block at a time: memory stays flat), none (in memory, no cache entry "
+    "kept)."))]
 DbOption = Annotated[str | None, typer.Option("--db", envvar="FOVEA_DB",
                                               help="Database URL (default sqlite:///$FOVEA_HOME/fovea.db; "
                                                    "postgresql://user:pass@host/db for several replicas).")]

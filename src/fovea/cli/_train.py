@@ -11,7 +11,17 @@ from typing import Annotated, Any
 import typer
 
 from fovea.cli import _render as render
-from fovea.cli._common import STARTED, DataArg, DeviceOption, QuietOption, app, examples, parse_arch, setup_logging
+from fovea.cli._common import (
+    STARTED,
+    CacheOption,
+    DataArg,
+    DeviceOption,
+    QuietOption,
+    app,
+    examples,
+    parse_arch,
+    setup_logging,
+)
 from fovea.cli._options import given, train_options
 from fovea.errors import FoveaError
 
@@ -196,10 +206,7 @@ def calibrate_unknown(
                                                    "see docs/unknown.md).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Validation share when DATA has no val split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
-    cache: Annotated[str, typer.Option(metavar="auto|memory|disk|none", help=(
-        "Where the decoded images live: auto (in memory if they fit in half the free memory, else disk), memory, "
-        "disk (read from $FOVEA_HOME/cache a block at a time: memory stays flat), none (in memory, no cache "
-        "entry kept)."))] = "auto",
+    cache: CacheOption = "auto",
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:

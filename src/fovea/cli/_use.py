@@ -9,6 +9,7 @@ import typer
 
 from fovea.cli import _render as render
 from fovea.cli._common import (
+    CacheOption,
     DbOption,
     DeviceOption,
     JsonOption,
@@ -27,7 +28,8 @@ from fovea.errors import FoveaError
 
 @app.command(epilog=examples("fovea evaluate runs/pets data/pets", "fovea evaluate runs/pets data/pets/val --json",
                              "fovea evaluate runs/scans data/scans --human-error 0.05   # bias or variance?",
-                             "fovea evaluate runs/pets data/pets --unknown data/ants --unknown data/digits --report r.html"))
+                             "fovea evaluate runs/pets data/pets --unknown data/ants --unknown data/digits --report r.html",
+                             "fovea evaluate runs/big data/big --cache disk   # a set larger than memory, in blocks"))
 def evaluate(
     run: RunArg,
     data: Annotated[Path, typer.Argument(help="Class folders (all evaluated) or a split layout (its test, else val, split).")],
@@ -38,6 +40,7 @@ def evaluate(
     unknown: Annotated[list[Path] | None, typer.Option("--unknown", help="A folder of images of none of the classes, "
                                                        "repeatable: how well the model tells them from DATA.")] = None,
     no_unknown: NoUnknownOption = False,
+    cache: CacheOption = "auto",
 ) -> None:
     """Accuracy, balanced accuracy, precision/recall/F1, ROC-AUC and the confusion matrix on held-out data;
     with --unknown, how well the model refuses images of none of its classes."""
@@ -47,7 +50,7 @@ def evaluate(
     if human_error is not None and not 0 <= human_error < 1:
         raise FoveaError(f"--human-error is an error rate in [0, 1), got {human_error}")
     m = run_eval(run, data, device=device, report=report, progress=not as_json, human_error=human_error,
-                 unknown=unknown or (), open_set=not no_unknown)
+                 unknown=unknown or (), open_set=not no_unknown, cache=cache)
     m.pop("roc_curves", None)
     if as_json:
         echo_json(m, indent=2)
