@@ -57,7 +57,7 @@ class RotationTask(nn.Module):
     model's embedding (timm's ``forward_head(..., pre_logits=True)``) predicts which; ``forward`` is that
     prediction's cross-entropy (Hendrycks et al. 2019, "Using self-supervised learning can improve model
     robustness and uncertainty"). One turn per image, not all four as in the paper: a CPU pays for every image.
-    The head is not part of the artifact."""
+    The head is not part of the artifact, nor of a checkpoint: on --resume it starts again from random weights."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
