@@ -141,11 +141,29 @@ def test_auto_holds_a_set_in_memory_unless_it_exceeds_the_budget(monkeypatch: py
 def test_training_past_the_memory_budget_reads_from_disk(tiny_pets: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import fovea.runtime._predictor as predictor_mod
+    from fovea.data import ImageSet
+
     monkeypatch.setenv("FOVEA_MEMORY_BUDGET", "10KB")
+    monkeypatch.setattr(predictor_mod, "BLOCK_BYTES", 3 * 32 * 32 * 16)  # blocks of 16 images
+    read: list[tuple[int, int, int]] = []  # (set size, lo, hi) of each block the end of the run read
+    rows = ImageSet.rows
+
+    def counted(self: ImageSet, lo: int, hi: int) -> torch.Tensor:
+        out = rows(self, lo, hi)
+        read.append((len(self), lo, lo + len(out)))
+        return out
+
+    monkeypatch.setattr(ImageSet, "rows", counted)
     with caplog.at_level(logging.INFO, logger="fovea"):
         run = fovea.train(tiny_pets, model="cnn", image_size=32, epochs=2, extra={"widths": (8, 16, 16, 16)},
                           out=str(tmp_path / "run"), progress=False)
     assert any("read from the cache file in batches" in r.getMessage() for r in caplog.records)
+    # the end of the run (training accuracy, fitting the unknown score) read the 80 training images from the file
+    # a block at a time, every row in each of its two passes; the unknown score's threshold, the 40 validation ones
+    train_blocks = sorted((lo, hi) for n, lo, hi in read if n == 80)
+    assert train_blocks == sorted(2 * [(lo, min(lo + 16, 80)) for lo in range(0, 80, 16)])
+    assert sum(hi - lo for n, lo, hi in read if n == 40) == 40
     model = fovea.load(run)
     val = sorted((tiny_pets / "val").rglob("*.jpg"))
     predictions, skipped = model.predict([str(p) for p in val])

@@ -15,11 +15,11 @@ from __future__ import annotations
 from fovea.runtime._ensemble import Ensemble
 from fovea.runtime._load import RUNTIMES, load, load_single
 from fovea.runtime._openset import calibrate_ensemble, fit_unknown, recalibrate_unknown
-from fovea.runtime._predictor import UNKNOWN, Network, Outputs, Prediction, Predictor, pick_device
+from fovea.runtime._predictor import UNKNOWN, Network, Outputs, Prediction, Predictor, pick_device, set_blocks
 from fovea.runtime._torch import TorchModel, autocast, infer, save_model
 from fovea.runtime.exported import ExportedModel
 from fovea.runtime.onnx import OnnxModel
 
 __all__ = ["RUNTIMES", "UNKNOWN", "Ensemble", "ExportedModel", "Network", "OnnxModel", "Outputs", "Prediction",
            "Predictor", "TorchModel", "autocast", "calibrate_ensemble", "fit_unknown", "infer", "load", "load_single",
-           "pick_device", "recalibrate_unknown", "save_model"]
+           "pick_device", "recalibrate_unknown", "save_model", "set_blocks"]

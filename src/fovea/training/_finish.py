@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fovea.data import ImageSet
-from fovea.runtime import infer, save_model
+from fovea.runtime import infer, save_model, set_blocks
 from fovea.training._config import TrainConfig, preprocess_steps
 
 log = logging.getLogger("fovea.training")
@@ -53,7 +53,10 @@ def finish(fit: Trained, ds: Any, train_set: ImageSet, val_set: ImageSet, quaran
     if len(val_set):
         # Training error for the bias/variance diagnosis: the final weights on the training images, no
         # augmentation, evaluated exactly like validation.
-        train_logits = evaluated(train_set.images)
+        # A disk-backed set a block at a time, read from its file: through the map, its pages would count in the
+        # process's resident memory as the pass reaches them (the whole set, at the end)
+        train_logits = (torch.cat([evaluated(b) for b in set_blocks(train_set)]) if train_set.on_disk
+                        else evaluated(train_set.images))
         metrics["train_accuracy"] = float((train_logits.argmax(1) == train_set.labels).float().mean())
         metrics["diagnosis"] = diagnose(1 - metrics["train_accuracy"], 1 - metrics["accuracy"], cfg.human_error,
                                         classical=transfer.get("classical"))  # its own knobs, not a network's
@@ -100,8 +103,8 @@ def _fit_unknown(run: Path, cfg: Any, train_set: ImageSet, val_set: ImageSet, de
         return {"skipped": f"a class is named {UNKNOWN!r}"}
     clock = time.perf_counter()
     try:
-        entry = fit_unknown(run, load_single(run, str(device), unknown=False), fit_images=train_set.images,
-                            fit_labels=train_set.labels.numpy(), calibration=val_set.images, score=cfg.unknown_score,
+        entry = fit_unknown(run, load_single(run, str(device), unknown=False), fit_images=train_set,  # block by block
+                            fit_labels=train_set.labels.numpy(), calibration=val_set, score=cfg.unknown_score,
                             keep=cfg.unknown_keep)
     except FoveaError as e:  # too few validation images, say: the model is still a good closed-set model
         log.warning("no unknown score: %s", e)
