@@ -245,3 +245,17 @@ def test_cli_bad_input_is_one_error_line(args: list[str], tmp_path: Path) -> Non
     assert "Traceback" not in done.stderr + done.stdout
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+
+
+def test_arch_options_rebuild_a_runs_network_by_name(run: Path) -> None:
+    """`fovea summary cnn --arch widths=...` at the run's size counts what the run folder holds (it was trained with
+    those widths); --arch on a run folder, or a key the architecture does not take, is one error line."""
+    done = fovea_cli("summary", "cnn", "--image-size", "32", "--arch", "widths=8,16,32,64", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_name, of_run = json.loads(done.stdout), summarize(run)
+    assert (by_name["totals"]["parameters"], by_name["totals"]["flops"]) == (of_run.parameters, of_run.flops)
+    assert by_name["totals"]["parameters"] != summarize("cnn", image_size=32).parameters  # the default widths differ
+    for args, says in ((["cnn", "--arch", "nonsense=3"], "nonsense"), ([str(run), "--arch", "widths=8,16"], "--arch")):
+        bad = fovea_cli("summary", *args)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout, bad.stderr
+        assert bad.stderr.strip().startswith("error:") and says in bad.stderr, bad.stderr

@@ -10,7 +10,17 @@ import typer
 
 from fovea._duration import parse_duration
 from fovea.cli import _render as render
-from fovea.cli._common import DataArg, DbOption, DeviceOption, JsonOption, app, echo_json, examples, parse_params
+from fovea.cli._common import (
+    DataArg,
+    DbOption,
+    DeviceOption,
+    JsonOption,
+    app,
+    echo_json,
+    examples,
+    parse_arch,
+    parse_params,
+)
 from fovea.errors import FoveaError
 
 
@@ -98,6 +108,7 @@ def models(
     "fovea summary resnet18          # 11,689,512 parameters, 3.63 GFLOPs at 224 px",
     "fovea summary runs/pets         # a trained model, at its own image size",
     "fovea summary cnn --image-size 128 --depth 1  # an architecture, no run needed",
+    "fovea summary cnn --image-size 160 --arch widths=48,96,192,384,512   # with fovea train's --arch options",
     "fovea summary inception_v3 --num-classes 2 --json > summary.json",
 ))
 def summary(
@@ -105,12 +116,13 @@ def summary(
     image_size: Annotated[int | None, typer.Option(help="Square input size in px (default: the run's, else the architecture's own, e.g. 224 for resnet18).")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Classes of the head for an architecture name (default 1000 for timm/torchvision, 2 for mlp/cnn).")] = None,
     depth: Annotated[int | None, typer.Option(help="Show layers down to this nesting depth (0: the model as one row); deeper ones are added to their parent. Totals are always the whole model's.")] = None,
+    arch: Annotated[list[str] | None, typer.Option(help="Architecture option KEY=VALUE, repeatable, as for `fovea train` (an architecture name only).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Each layer's output shape, parameters and FLOPs for one image, with the model's totals."""
     from fovea.models import summarize
 
-    s = summarize(model, image_size=image_size, num_classes=num_classes)
+    s = summarize(model, image_size=image_size, num_classes=num_classes, arch=parse_arch(arch))
     s.at_depth(depth)  # a bad --depth fails before anything is printed
     if as_json:
         echo_json(s.to_dict(depth), indent=2)

@@ -138,6 +138,7 @@ def summarize(
     *,
     image_size: int | None = None,
     num_classes: int | None = None,
+    arch: dict[str, Any] | None = None,
 ) -> Summary:
     """Output shape, parameters and FLOPs of every layer of ``model`` for one image, and the totals.
 
@@ -149,6 +150,8 @@ def summarize(
         num_classes: classes of the head built for an architecture name. Default: 1000 (ImageNet, the
             published counts) for timm and torchvision; 2 for Fovea's own models, made for a few classes.
             A run folder has its own classes.
+        arch: the architecture's options for a name (``fovea train --arch``, e.g. ``{"widths": [8, 16, 32, 64]}``);
+            a run folder has its own.
     """
     if image_size is not None and image_size < 1:
         raise FoveaError(f"--image-size must be at least 1 px, not {image_size}")
@@ -163,6 +166,9 @@ def summarize(
 
     path, name = Path(model), str(model)
     if path.is_dir() and (path / META).is_file():
+        if arch:
+            raise FoveaError(f"--arch: the run {path} has its own architecture options; --arch is for architecture "
+                             "names")
         return _summarize_run(path, image_size, num_classes)
     try:
         source = source_of(name)
@@ -177,7 +183,7 @@ def summarize(
         raise  # unknown model, with "did you mean"
     size = image_size or int(default_config(name)["input_size"])
     classes = num_classes or (2 if source == "fovea" else 1000)
-    net = create_model(name, classes, image_size=size, pretrained=False)
+    net = create_model(name, classes, image_size=size, pretrained=False, **(arch or {}))
     return _summarize(net, label=name, source=source, image_size=size, num_classes=classes)
 
 
