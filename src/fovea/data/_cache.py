@@ -39,6 +39,7 @@ from fovea.data._layout import Sample
 from fovea.errors import FoveaError, ImageError
 
 if TYPE_CHECKING:
+    from fovea.data._loader import Batches
     from fovea.ops import Step
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,16 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def batches(self, batch_size: int, **kw: Any) -> Batches:
+        """``Batches`` over the set (``kw``: theirs); a disk-backed set's read from its cache file by ``DiskBatches``
+        (not through the map), as training and lr-find read it."""
+        from fovea.data._disk import DiskBatches
+        from fovea.data._loader import Batches
+
+        if self.file is not None:
+            return DiskBatches(self.images, self.labels, batch_size, file=self.file, **kw)
+        return Batches(self.images, self.labels, batch_size, **kw)
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         """Images ``lo:hi`` (M, 3, S, S): a view of memory; for a disk-backed set, read from its file with

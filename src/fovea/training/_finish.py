@@ -53,10 +53,9 @@ def finish(fit: Trained, ds: Any, train_set: ImageSet, val_set: ImageSet, quaran
     if len(val_set):
         # Training error for the bias/variance diagnosis: the final weights on the training images, no
         # augmentation, evaluated exactly like validation.
-        # A disk-backed set a block at a time, read from its file: through the map, its pages would count in the
-        # process's resident memory as the pass reaches them (the whole set, at the end)
-        train_logits = (torch.cat([evaluated(b) for b in set_blocks(train_set)]) if train_set.on_disk
-                        else evaluated(train_set.images))
+        # A block at a time (a disk-backed set's read from its file: through the map, its pages would count in the
+        # process's resident memory as the pass reaches them)
+        train_logits = torch.cat([evaluated(b) for b in set_blocks(train_set)])
         metrics["train_accuracy"] = float((train_logits.argmax(1) == train_set.labels).float().mean())
         metrics["diagnosis"] = diagnose(1 - metrics["train_accuracy"], 1 - metrics["accuracy"], cfg.human_error,
                                         classical=transfer.get("classical"))  # its own knobs, not a network's

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from fovea._system import cpu_has_bf16
-from fovea.data import Batches, Dataset, DiskBatches, choose_store, corrected, discover, load_images
+from fovea.data import Dataset, choose_store, corrected, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import check_input_size, create_model, default_config, source_of
 from fovea.models.backbone import fold_probe, load_weights, read_weights
@@ -350,11 +350,7 @@ def train_one(cfg: TrainConfig, dataset: Dataset | None = None, deadline: float 
                                "drop_last": True, "generator": generator, "channels_last": bool(cfg.channels_last),
                                "sample_weights": sample_weights, "shard": (group.rank, group.world),
                                "augment_generator": augment_generator}
-        if train_set.file is not None:
-            batches = DiskBatches(train_set.images, train_set.labels, int(cfg.batch_size or 128), file=train_set.file,
-                                  **bkw)
-        else:
-            batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), **bkw)
+        batches = train_set.batches(int(cfg.batch_size or 128), **bkw)  # read from its file when on disk
         if cfg.mode == "finetune":
             freeze = float(cfg.freeze or 0.0)
             groups, body, frozen_norms = finetune_param_groups(model, freeze, float(cfg.weight_decay or 0.0))

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fovea._system import cpu_has_bf16
-from fovea.data import Batches, DiskBatches, choose_store, discover, load_images
+from fovea.data import choose_store, discover, load_images
 from fovea.errors import FoveaError
 from fovea.models import default_config, source_of
 from fovea.models.backbone import load_weights, read_weights
@@ -283,11 +283,7 @@ def lr_find(data: str | Path, *, out: str | Path | None = None, start_lr: float 
     generator.manual_seed(cfg.seed)
     bkw: dict[str, Any] = {"device": device, "mean": mean, "std": std, "augment": str(cfg.augment), "shuffle": True,
                            "drop_last": True, "generator": generator, "channels_last": bool(cfg.channels_last)}
-    if train_set.file is not None:  # on disk: read from the cache file in batches, as fovea train reads it
-        batches: Batches = DiskBatches(train_set.images, train_set.labels, int(cfg.batch_size or 128),
-                                       file=train_set.file, **bkw)
-    else:
-        batches = Batches(train_set.images, train_set.labels, int(cfg.batch_size or 128), **bkw)
+    batches = train_set.batches(int(cfg.batch_size or 128), **bkw)  # read from its file when on disk, as in training
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
