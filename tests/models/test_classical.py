@@ -261,3 +261,13 @@ def test_lr_find_refuses_a_classical_model(tiny_pets: Path) -> None:
 
     with pytest.raises(FoveaError, match="no learning rate"):
         lr_find(tiny_pets, model="hog-svm", progress=False)
+
+
+@pytest.mark.parametrize("classifier", ["svm", "logreg", "knn"])
+def test_a_class_with_one_training_image_is_fitted_without_cross_validation(classifier: str) -> None:
+    """Nothing to cross-validate on: the grid's middle value is used, and the fit separates the two groups."""
+    rng = np.random.default_rng(0)
+    z = np.vstack([rng.normal(-2, 0.3, (9, 4)), [[2.0, 2.0, 2.0, 2.0]]])
+    y = np.array([0] * 9 + [1])
+    arrays, chosen = fit_arrays(classifier, z, y, 2, c=None, k=None, balanced=True, seed=0)
+    assert arrays and "cv_accuracy" not in chosen

@@ -108,3 +108,12 @@ def test_lstm_trains_with_its_own_optimizer_and_reports_gradient_norms(digits01:
     assert json.loads((run / "metrics.json").read_text())["accuracy"] > 0.9
     assert "Gradient norm" in (run / "report.html").read_text()
     assert all(r["grad_norm"] > 0 for r in _history(run))
+
+
+@pytest.mark.parametrize("arch", [{"hidden": 0}, {"cell": "transformer"}])
+def test_a_bad_recurrent_option_is_the_users_error_not_a_bug(arch: dict[str, object]) -> None:
+    from fovea.errors import FoveaError
+    from fovea.models import create_model
+
+    with pytest.raises(FoveaError, match="lstm does not take"):
+        create_model("lstm", 2, image_size=16, **arch)

@@ -65,8 +65,9 @@ def memory_budget(device: torch.device) -> tuple[int, str]:
     else MEMORY_SHARE of the free RAM (and of the free GPU memory, on a GPU, where the set is moved whole)."""
     if os.environ.get("FOVEA_MEMORY_BUDGET"):
         return _parse_bytes(os.environ["FOVEA_MEMORY_BUDGET"]), "FOVEA_MEMORY_BUDGET"
-    budget = int(available_memory() * MEMORY_SHARE)
-    what = f"{MEMORY_SHARE:.0%} of the {_gb(available_memory())} of RAM free"
+    free_ram = available_memory()
+    budget = int(free_ram * MEMORY_SHARE)
+    what = f"{MEMORY_SHARE:.0%} of the {_gb(free_ram)} of RAM free"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         if free * MEMORY_SHARE < budget:

@@ -93,7 +93,7 @@ def create_model(
     """Build ``name`` with a ``num_classes`` head. Extra kwargs go to the architecture (e.g. drop_rate)."""
     try:
         return _create(name, num_classes, image_size=image_size, pretrained=pretrained, **kwargs)
-    except TypeError as e:  # an --arch option (or --batch-norm) the architecture does not take, or a bad value
+    except (TypeError, ValueError) as e:  # an --arch option (or --batch-norm) the architecture does not take, or a bad value
         if not kwargs:
             raise
         given = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))

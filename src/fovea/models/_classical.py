@@ -183,7 +183,7 @@ class Classical(Headed):
         if c is not None and c <= 0:
             raise FoveaError(f"c (the inverse regularisation strength) must be positive, got {c}")
         self.feature, self.classifier, self.image_size = FEATURES[feature], classifier, image_size
-        self.c, self.k = c, k  # None: chosen by cross-validation on the training images when fitted
+        self.c, self.k = c, k  # what the fit used: training chooses them by cross-validation unless given
         dim = self.feature.dim(image_size)
         if dim == 0:
             raise FoveaError(f"{feature} needs images of at least {HOG_CELL * HOG_BLOCK} px, not {image_size}")
@@ -238,7 +238,3 @@ def _factory(feature: str, classifier: str) -> Callable[..., nn.Module]:
 for _feature in FEATURES:
     for _classifier in CLASSIFIERS:
         register_model(_factory(_feature, _classifier))
-
-
-def is_classical(net: nn.Module) -> bool:
-    return isinstance(net, Classical)

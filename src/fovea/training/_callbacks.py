@@ -66,6 +66,16 @@ class ProgressBar(Callback):
             self.progress.stop()
 
 
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    """history.csv from ``rows``, written whole and then moved into place (a reader never sees half a file)."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
 class CSVLogger(Callback):
     """history.csv, rewritten from the in-memory history each epoch (so a resumed run has every row once)."""
 
@@ -73,12 +83,7 @@ class CSVLogger(Callback):
         self.path = path
 
     def after_epoch(self, fit: Fit) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(fit.history)
-        tmp.replace(self.path)
+        write_history(self.path, fit.history)
 
 
 class BestTracker(Callback):

@@ -26,7 +26,8 @@ from torch import nn
 from fovea.data import ImageSet
 from fovea.errors import FoveaError
 from fovea.models import create_model
-from fovea.training._callbacks import HISTORY_FIELDS
+from fovea.runtime import set_blocks
+from fovea.training._callbacks import write_history
 from fovea.training._config import TrainConfig
 from fovea.training._finish import finish
 
@@ -70,12 +71,13 @@ def fit_arrays(classifier: str, z: np.ndarray, y: np.ndarray, num_classes: int, 
 
     if len(np.unique(y)) < num_classes:
         raise FoveaError("every class needs training images to fit a classical model")
-    folds = StratifiedKFold(n_splits=min(CV_FOLDS, int(np.bincount(y).min())), shuffle=True, random_state=seed)
+    n_folds = min(CV_FOLDS, int(np.bincount(y).min()))  # a class with one image: nothing to cross-validate on
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed) if n_folds > 1 else None
     weight = "balanced" if balanced else None
     chosen: dict[str, Any] = {}
 
     def pick(estimator: Any, grid: dict[str, Any]) -> Any:
-        if folds.n_splits < 2:  # a class with one image: nothing to cross-validate on
+        if folds is None:
             return estimator.set_params(**{k: v[len(v) // 2] for k, v in grid.items()}).fit(z, y)
         search = GridSearchCV(estimator, grid, cv=folds, scoring="accuracy").fit(z, y)
         log.info("classical: %s chosen by %d-fold cross-validation on the training images (accuracy %.3f)",
@@ -98,7 +100,7 @@ def fit_arrays(classifier: str, z: np.ndarray, y: np.ndarray, num_classes: int, 
             from sklearn.base import clone
             from sklearn.model_selection import cross_val_predict
 
-            margins = cross_val_predict(clone(est), z, y, cv=folds, method="decision_function") if folds.n_splits > 1 \
+            margins = cross_val_predict(clone(est), z, y, cv=folds, method="decision_function") if folds is not None \
                 else est.decision_function(z)
             margins = margins.reshape(len(z), -1)
             platt = LogisticRegression(C=1e4, max_iter=2000).fit(margins, y)
@@ -159,7 +161,8 @@ def train_classical(cfg: TrainConfig, run: Path, ds: Any, train_set: ImageSet, v
 
     clock = time.perf_counter()
     probe = create_model(name, len(ds.classes), image_size=size, **arch_kwargs)
-    raw = probe.extract(train_set.images)  # type: ignore[operator]  # (N, D)
+    # a block at a time (a disk-backed set's read from its file, not through the map)
+    raw = np.concatenate([probe.extract(b) for b in set_blocks(train_set)])  # type: ignore[operator]  # (N, D)
     extract_seconds = time.perf_counter() - clock
     log.info("classical: %s features of %d training images (%d values each) in %.1f s", feature, len(raw),
              raw.shape[1], extract_seconds)
@@ -189,17 +192,8 @@ def train_classical(cfg: TrainConfig, run: Path, ds: Any, train_set: ImageSet, v
            "val_loss": F.cross_entropy(val_logits, val_set.labels).item() if len(val_set) else float("nan"),
            "val_acc": (val_logits.argmax(1) == val_set.labels).float().mean().item() if len(val_set) else float("nan"),
            "images_per_s": len(raw) / max(extract_seconds, 1e-9), "seconds": timings["train"]}
-    _write_history(run / "history.csv", [row])
+    write_history(run / "history.csv", [row])
     fitted = Fitted(cfg, run, model, device, [row])
     transfer = {"mode": "scratch", "classical": {"feature": feature, "classifier": classifier, **chosen,
                                                  "features_per_image": int(raw.shape[1])}}
     return finish(fitted, ds, train_set, val_set, quarantined, kwargs, mean, std, native, timings, transfer)
-
-
-def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
