@@ -119,9 +119,15 @@ def test_a_run_whose_rank_is_killed_resumes_with_every_history_row(digits: Path,
     assert json.loads((run / "metrics.json").read_text())["accuracy"] > 0.9
 
 
-def test_nproc_says_what_went_wrong_without_a_traceback(digits: Path, tmp_path: Path) -> None:
+def test_nproc_says_what_went_wrong_without_a_traceback(digits: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A global batch that does not split over the processes: each says so; torchrun's own traceback is not shown."""
     rc, log = finish(fovea([str(digits), "--nproc", "2", "--batch-size", "63", "--epochs", "1",
                             "--out", str(tmp_path / "r")]))
     assert rc == 2 and "--batch-size 63 is the global batch: it must split evenly over the 2 processes" in log
     assert "Traceback" not in log and "a training process failed" in log
+    # FOVEA_DEBUG=1 asks for everything: the processes' tracebacks pass through
+    monkeypatch.setenv("FOVEA_DEBUG", "1")
+    rc, log = finish(fovea([str(digits), "--nproc", "2", "--batch-size", "63", "--epochs", "1",
+                            "--out", str(tmp_path / "d")]))
+    assert rc == 2 and "Traceback" in log and "a training process failed" in log

@@ -246,9 +246,9 @@ def _torchrun(nproc: int) -> None:
     agent_log = re.compile(r"^[IWE]\d{4} .*torch/distributed/")
     with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as p:
         assert p.stderr is not None
-        quiet = False
+        quiet, debug = False, bool(os.environ.get("FOVEA_DEBUG"))  # FOVEA_DEBUG: every line, tracebacks too
         for line in p.stderr:
-            quiet = quiet or line.startswith("Traceback (most recent call last):")
+            quiet = not debug and (quiet or line.startswith("Traceback (most recent call last):"))
             if not quiet and not agent_log.match(line):
                 sys.stderr.write(line)
     if p.returncode:
